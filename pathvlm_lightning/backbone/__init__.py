@@ -1,0 +1,26 @@
+"""The Qwen2.5-VL backbone: loading, the embedded tiny model, generation and token log-probs."""
+
+from pathvlm_lightning.backbone.lora import LoraOptions
+from pathvlm_lightning.backbone.sequences import completion_mask, pad_after_eos, selective_log_softmax
+from pathvlm_lightning.backbone.sharding import apply_fully_shard, gathered_for_generation
+from pathvlm_lightning.backbone.tiny import (
+    TinyQwenVLProcessor,
+    build_tiny_model,
+    build_tiny_processor,
+    load_processor,
+)
+from pathvlm_lightning.backbone.wrapper import Backbone
+
+__all__ = [
+    "Backbone",
+    "LoraOptions",
+    "TinyQwenVLProcessor",
+    "apply_fully_shard",
+    "build_tiny_model",
+    "build_tiny_processor",
+    "completion_mask",
+    "gathered_for_generation",
+    "load_processor",
+    "pad_after_eos",
+    "selective_log_softmax",
+]

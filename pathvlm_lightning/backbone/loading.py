@@ -1,0 +1,95 @@
+"""Building the Hugging Face model and processor behind a :class:`Backbone`."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Literal
+
+import torch
+from transformers import BitsAndBytesConfig, ProcessorMixin, Qwen2_5_VLForConditionalGeneration
+from transformers.image_utils import SizeDict
+
+from pathvlm_lightning.backbone.tiny import build_tiny_model, build_tiny_processor, load_processor
+
+EMBEDDED_MODELS: dict[str, Literal["tiny", "small"]] = {"embedded-tiny": "tiny", "embedded-small": "small"}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Quantization = Literal["4bit", "8bit"]
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def quantization_config(quantization: Quantization, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """bitsandbytes settings: NF4 with double quantisation (QLoRA's recipe) or LLM.int8."""
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization {quantization!r} is not one of ['4bit', '8bit'] or None")
+
+
+def set_pixel_bounds(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Override the image processor's pixel range (each image is resized to fit it, aspect kept)."""
+    image_processor = processor.image_processor
+    size = image_processor.size
+    low = min_pixels if min_pixels is not None else size.shortest_edge
+    high = max_pixels if max_pixels is not None else size.longest_edge
+    if low > high:
+        raise ValueError(f"min_pixels {low} is larger than max_pixels {high}")
+    image_processor.size = SizeDict(shortest_edge=low, longest_edge=high)
+
+
+def load_model_and_processor(
+    model: str,
+    *,
+    seed: int,
+    dtype: str,
+    attn_implementation: str,
+    quantization: Quantization | None,
+    min_pixels: int | None,
+    max_pixels: int | None,
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ProcessorMixin]:
+    """``model`` is ``embedded-tiny``/``embedded-small`` (random weights from ``seed``), a folder or a hub id."""
+    torch_dtype = resolve_dtype(dtype)
+    quant = quantization_config(quantization, torch_dtype) if quantization is not None else None
+    if model in EMBEDDED_MODELS:
+        processor = build_tiny_processor()
+        hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed)
+        if quant is not None:
+            # bitsandbytes quantises while loading weights, so the random model goes through a folder.
+            with tempfile.TemporaryDirectory() as folder:
+                hf_model.save_pretrained(folder)
+                hf_model = _from_pretrained(folder, torch_dtype, attn_implementation, quant)
+        else:
+            hf_model = hf_model.to(torch_dtype)
+            hf_model.set_attn_implementation(attn_implementation)
+    else:
+        processor = load_processor(model)
+        hf_model = _from_pretrained(model, torch_dtype, attn_implementation, quant)
+    if min_pixels is not None or max_pixels is not None:
+        set_pixel_bounds(processor, min_pixels, max_pixels)
+    return hf_model, processor
+
+
+def _from_pretrained(
+    source: str, dtype: torch.dtype, attn_implementation: str, quant: BitsAndBytesConfig | None
+) -> Qwen2_5_VLForConditionalGeneration:
+    try:
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quant
+        )
+    except (ImportError, RuntimeError) as error:
+        if quant is None:
+            raise
+        raise RuntimeError(
+            f"loading {source!r} with bitsandbytes {quant.quant_method} quantisation failed: {error}. "
+            "Install a bitsandbytes build for this device, or set quantization to null."
+        ) from error

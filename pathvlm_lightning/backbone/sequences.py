@@ -1,0 +1,146 @@
+"""Pure tensor helpers for prompts and completions (no model inside; unit-testable by hand).
+
+Layout conventions used across the backbone:
+- prompt inputs are the processor output for B left-padded prompts: ``input_ids`` [B, P],
+  ``attention_mask`` [B, P], ``pixel_values`` [sum of patches, C] (images in row order),
+  ``image_grid_thw`` [N, 3];
+- completions are [B*G, L]; rows ``i*G .. i*G+G-1`` belong to prompt ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def images_per_row(
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int, merge_size: int
+) -> list[int]:
+    """How many of the (row-ordered) images each prompt row holds, from its count of image tokens.
+
+    A [1, 4, 4] grid is 16 patches, 4 tokens after the 2x2 merge; [1, 2, 2] is 1 token. Row 0
+    holds 4 image tokens (one image), row 1 holds 5 (4 + 1: two images).
+
+    >>> ids = torch.tensor([[0, 9, 9, 9, 9], [9, 9, 9, 9, 9]])
+    >>> images_per_row(ids, torch.tensor([[1, 4, 4], [1, 4, 4], [1, 2, 2]]), image_token_id=9, merge_size=2)
+    [1, 2]
+    """
+    tokens_per_image = (image_grid_thw.prod(-1) // merge_size**2).tolist()  # [N]
+    counts: list[int] = []
+    image = 0
+    for row, row_tokens in enumerate((input_ids == image_token_id).sum(-1).tolist()):
+        start, seen = image, 0
+        while seen < row_tokens and image < len(tokens_per_image):
+            seen += tokens_per_image[image]
+            image += 1
+        if seen != row_tokens:
+            raise ValueError(
+                f"prompt row {row} has {row_tokens} image tokens, which does not match the image_grid_thw "
+                f"of images {start}..{image - 1} ({tokens_per_image[start:image]} tokens each)"
+            )
+        counts.append(image - start)
+    if image != len(tokens_per_image):
+        raise ValueError(f"image_grid_thw lists {len(tokens_per_image)} images but the prompts hold only {image}")
+    return counts
+
+
+def expand_prompt_inputs(
+    inputs: Mapping[str, torch.Tensor], num_generations: int, *, image_token_id: int, merge_size: int
+) -> dict[str, torch.Tensor]:
+    """Repeat each prompt ``num_generations`` times: rows [B, ...] -> [B*G, ...].
+
+    Flat ``pixel_values`` are regrouped per prompt, so prompt ``i``'s patch block (all its images)
+    appears G times in a row, matching the order in which the model consumes image tokens;
+    ``image_grid_thw`` follows the same order.
+    """
+    if any(k in inputs for k in _VIDEO_KEYS):
+        raise ValueError(f"video inputs are not supported by the backbone; got keys {sorted(inputs)}")
+    g = num_generations
+    if g < 1:
+        raise ValueError(f"num_generations must be >= 1, got {g}")
+    input_ids = inputs["input_ids"]  # [B, P]
+    batch = input_ids.shape[0]
+    out = {k: v.repeat_interleave(g, dim=0) for k, v in inputs.items() if k not in _IMAGE_KEYS}
+    if inputs.get("pixel_values") is None:
+        return out
+    grid = inputs["image_grid_thw"]  # [N, 3]
+    patches = inputs["pixel_values"].split(grid.prod(-1).tolist())  # N x [t*h*w, C]
+    counts = images_per_row(input_ids, grid, image_token_id, merge_size)
+    starts = [sum(counts[:i]) for i in range(batch)]
+    pixel_blocks, grid_blocks = [], []
+    for start, count in zip(starts, counts):
+        row_pixels = list(patches[start : start + count])
+        row_grid = grid[start : start + count]
+        pixel_blocks.extend(row_pixels * g)
+        grid_blocks.extend([row_grid] * g)
+    out["pixel_values"] = torch.cat(pixel_blocks) if pixel_blocks else inputs["pixel_values"][:0]
+    out["image_grid_thw"] = torch.cat(grid_blocks)  # [N*G, 3]
+    return out
+
+
+def mm_token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int) -> torch.Tensor:
+    """Qwen2.5-VL's ``mm_token_type_ids``: 0 text, 1 image slot, 2 video slot, same shape as ids.
+
+    The model needs them to build 3-D rotary positions; derived here from the ids so that training,
+    generation and scoring agree even when a collator did not pass them.
+    """
+    types = torch.zeros_like(input_ids)
+    types[input_ids == image_token_id] = 1
+    types[input_ids == video_token_id] = 2
+    return types
+
+
+def replace_tokens(ids: torch.Tensor, token_ids: Sequence[int], replacement: int) -> torch.Tensor:
+    """A copy of ``ids`` with every id in ``token_ids`` replaced.
+
+    >>> replace_tokens(torch.tensor([1, 5, 2, 5]), [5, 2], 0).tolist()
+    [1, 0, 0, 0]
+    """
+    found = torch.isin(ids, torch.tensor(list(token_ids), device=ids.device))
+    return ids.masked_fill(found, replacement)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real completion tokens and which completions never ended.
+
+    Returns ``mask`` [B*G, L] long, 1 up to and including the first EOS (all ones when there is
+    none), and ``truncated`` [B*G] bool, True where no EOS occurs.
+
+    >>> mask, truncated = completion_mask(torch.tensor([[5, 2, 7], [5, 6, 7]]), eos_token_ids=[2])
+    >>> mask.tolist(), truncated.tolist()
+    ([[1, 1, 0], [1, 1, 1]], [False, True])
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+    length = completion_ids.shape[1]
+    positions = torch.arange(length, device=completion_ids.device)  # [L]
+    first_eos = torch.where(is_eos, positions, length).min(dim=1).values  # [B*G], L when none
+    mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # [B*G, L]
+    return mask, ~is_eos.any(dim=1)
+
+
+def pad_after_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int], pad_token_id: int) -> torch.Tensor:
+    """Every token after the first EOS set to ``pad_token_id``.
+
+    >>> pad_after_eos(torch.tensor([[5, 2, 7, 2]]), eos_token_ids=[2], pad_token_id=0).tolist()
+    [[5, 2, 0, 0]]
+    """
+    mask, _ = completion_mask(completion_ids, eos_token_ids)
+    return completion_ids.masked_fill(mask == 0, pad_token_id)
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """float32 ``log_softmax(logits / temperature)`` at ``token_ids``, one row at a time.
+
+    logits [N, L, V] (any float dtype), token_ids [N, L] -> [N, L] float32. Looping over rows keeps
+    the float32 copy to one row's [L, V]: with Qwen's 152k vocabulary the whole batch would not fit.
+    """
+    rows = []
+    for row_logits, row_ids in zip(logits, token_ids):  # [L, V], [L]
+        scaled = row_logits.float() / temperature
+        picked = scaled.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)  # [L]
+        rows.append(picked - torch.logsumexp(scaled, dim=-1))
+    return torch.stack(rows)  # [N, L]

@@ -1,0 +1,75 @@
+"""FSDP2 (``fully_shard``) for Qwen2.5-VL, and one all-gather per ``generate`` call instead of one per token.
+
+Sharding unit: each language-model decoder layer and each vision block, then the root (embeddings,
+lm_head, norms, the vision patch embedding and merger). Non-root units reshard after forward (the
+memory saving); the root keeps its parameters between forward and backward (FSDP2's own choice
+for roots), and :func:`gathered_for_generation` restores exactly these settings (True for nested
+units, False for roots) on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import PreTrainedModel
+
+
+def apply_fully_shard(
+    model: PreTrainedModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None
+) -> PreTrainedModel:
+    """Shard a (possibly peft-wrapped) Qwen2.5-VL in place with FSDP2 over ``mesh``; returns it.
+
+    Call after LoRA/freezing (FSDP2 keeps ``requires_grad`` per parameter, so frozen and trainable
+    parameters may share a unit) and before the optimizer is built.
+    """
+    policy = mp_policy or MixedPrecisionPolicy()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in inner.model.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    for block in inner.model.visual.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(inner, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return model
+
+
+def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
+    """The FSDP2 units inside ``model`` (empty when it is not sharded)."""
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered_for_generation(model: torch.nn.Module) -> Iterator[None]:
+    """Keep every FSDP2 unit's full parameters for the whole block; a no-op when not sharded.
+
+    Autoregressive decoding runs one forward per token; with reshard-after-forward each of them would
+    all-gather every layer again. Here each unit is gathered once on entry, kept through all decoding
+    steps, and resharded on exit (peak memory: the full model on every rank for the duration).
+    All ranks must enter together (the gathers are collectives), as they do in a rollout.
+
+    The explicit gather is also what makes ``generate`` work at all under FSDP2: transformers 5.x
+    runs the vision tower (``get_image_features``) before the first root forward, so the root's own
+    parameters (patch embedding, merger) would still be sharded and the first vision block would
+    claim to be FSDP's root. FSDP's root state is therefore initialised here first; that uses the
+    private ``_get_fsdp_state()._lazy_init()`` (torch 2.4-2.13), the one step with no public API.
+    """
+    units = fsdp_units(model)
+    if not units:
+        yield
+        return
+    nested = {id(m) for u in units for m in u.modules() if m is not u and isinstance(m, FSDPModule)}
+    for unit in units:
+        if id(unit) not in nested:
+            unit._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(id(unit) in nested, recurse=False)

@@ -1,0 +1,275 @@
+"""The Qwen2.5-VL backbone every module and callback goes through.
+
+``generate`` and ``token_logprobs`` are the two hot paths of GRPO; keeping all callers on them
+means later speedups (one vision pass and one prefill per group of G) land in one place.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import ModelOutput
+
+from pathvlm_lightning.backbone import sharding
+from pathvlm_lightning.backbone.export import export_pretrained
+from pathvlm_lightning.backbone.loading import Quantization, load_model_and_processor
+from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
+from pathvlm_lightning.backbone.sequences import (
+    completion_mask,
+    expand_prompt_inputs,
+    mm_token_types,
+    pad_after_eos,
+    replace_tokens,
+    selective_log_softmax,
+)
+
+
+class Backbone(torch.nn.Module):
+    """Qwen2.5-VL plus its processor, with LoRA, quantisation and freezing applied at construction.
+
+    Args:
+        model: ``embedded-tiny`` / ``embedded-small`` (offline random model), a folder or a hub id.
+        seed: initialisation seed of the embedded models.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+        freeze_vision: freeze the vision tower including the patch merger (the paper's setting).
+        lora: adapters on the language model only; ``None`` trains the language model fully.
+        quantization: bitsandbytes ``4bit`` (NF4) or ``8bit`` base weights; combine with ``lora``
+            to train (quantised weights themselves take no gradient).
+        gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
+        min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
+    """
+
+    def __init__(
+        self,
+        model: str = "embedded-tiny",
+        seed: int = 0,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        freeze_vision: bool = True,
+        lora: LoraOptions | None = None,
+        quantization: Quantization | None = None,
+        gradient_checkpointing: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        super().__init__()
+        hf_model, self.processor = load_model_and_processor(
+            model,
+            seed=seed,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            quantization=quantization,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+        if freeze_vision:
+            hf_model.model.visual.requires_grad_(False)
+        if gradient_checkpointing and not (quantization and lora):  # else peft's k-bit preparation does it
+            _enable_checkpointing(hf_model)
+        if lora is not None:
+            hf_model = apply_lora(
+                hf_model, lora, quantized=quantization is not None, gradient_checkpointing=gradient_checkpointing
+            )
+        self.model = hf_model  # the PeftModel when LoRA is on, else the transformers model
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def hf_model(self) -> Qwen2_5_VLForConditionalGeneration:
+        """The transformers model (with LoRA layers inside it when ``has_lora``)."""
+        return self.model.get_base_model() if self.has_lora else self.model
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end a completion: the generation config's (Qwen-Instruct lists two), else the tokenizer's."""
+        configured = self.hf_model.generation_config.eos_token_id
+        if configured is None:
+            configured = self.processor.tokenizer.eos_token_id
+        return tuple(configured) if isinstance(configured, (list, tuple)) else (configured,)
+
+    @property
+    def pad_token_id(self) -> int:
+        configured = self.hf_model.generation_config.pad_token_id
+        return configured if configured is not None else self.processor.tokenizer.pad_token_id
+
+    @property
+    def vision_token_ids(self) -> tuple[int, ...]:
+        """Ids that mark image/video slots; never sampled, never fed back as slots."""
+        config = self.hf_model.config
+        ids = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+        vision_pad = self.processor.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
+        if isinstance(vision_pad, int) and vision_pad != self.processor.tokenizer.unk_token_id:
+            ids.add(vision_pad)
+        return tuple(sorted(i for i in ids if i is not None))
+
+    # ------------------------------------------------------------------ forward paths
+    def forward(self, **batch: torch.Tensor) -> ModelOutput:
+        """The transformers forward (``loss`` when ``labels`` are given), with 3-D positions guaranteed."""
+        if "mm_token_type_ids" not in batch and "input_ids" in batch:
+            batch["mm_token_type_ids"] = self._token_types(batch["input_ids"])
+        return self.hf_model(**batch)
+
+    def generate(
+        self,
+        prompt_inputs: Mapping[str, torch.Tensor],
+        *,
+        num_generations: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        min_new_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Sample ``num_generations`` completions per prompt -> ids [B*G, L], L <= max_new_tokens.
+
+        Rows ``i*G .. i*G+G-1`` answer prompt ``i``; the prompt is cut off and everything after the
+        first EOS is the pad id. Sampling is plain temperature/top-p over the full vocabulary: the
+        checkpoint's own sampling defaults (Qwen ships top_k=1, repetition_penalty 1.05) are ignored
+        so that the sampling distribution is the one ``token_logprobs`` scores. Vision ids are
+        suppressed. Runs in eval mode without gradient; the previous mode is restored.
+        """
+        hf_model = self.hf_model
+        expanded = self._expand(prompt_inputs, num_generations)
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=list(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+            suppress_tokens=list(self.vision_token_ids),
+            repetition_penalty=1.0,
+            use_cache=True,
+            **sampling,
+        )
+        was_training = self.model.training
+        saved_config = hf_model.generation_config
+        self.model.eval()
+        try:
+            hf_model.generation_config = GenerationConfig(
+                eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+            )
+            with torch.no_grad(), self.gathered_for_generation():
+                sequences = hf_model.generate(**expanded, generation_config=config)  # [B*G, P + L]
+        finally:
+            hf_model.generation_config = saved_config
+            self.model.train(was_training)
+        completion = sequences[:, expanded["input_ids"].shape[1] :]  # [B*G, L]
+        return pad_after_eos(completion, self.eos_token_ids, self.pad_token_id)
+
+    def completion_mask(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask [B*G, L] long, 1 up to and including the first EOS; truncated [B*G] bool)."""
+        return completion_mask(completion_ids, self.eos_token_ids)
+
+    def token_logprobs(
+        self,
+        prompt_inputs: Mapping[str, torch.Tensor],
+        completion_ids: torch.Tensor,
+        *,
+        num_generations: int,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """float32 log p(completion token | prompt, earlier tokens) -> [B*G, L]; differentiable.
+
+        Logits are divided by ``temperature`` (match the sampling temperature). Only the last L+1
+        positions get vocabulary logits (``logits_to_keep``). Vision ids in the completion are fed
+        as pad so they are not read as image slots; their log-probs are still those of the given ids.
+        Positions after the first EOS are masked from attention and their values are meaningless.
+        Runs in whatever mode the module is in (dropout included).
+        """
+        expanded = self._expand(prompt_inputs, num_generations)
+        prompt_ids = expanded["input_ids"]  # [B*G, P]
+        if completion_ids.shape[0] != prompt_ids.shape[0]:
+            raise ValueError(
+                f"completion_ids has {completion_ids.shape[0]} rows, expected {prompt_ids.shape[0]} "
+                f"(prompts x num_generations={num_generations})"
+            )
+        completion_ids = completion_ids.to(prompt_ids.device)
+        fed = replace_tokens(completion_ids, self.vision_token_ids, self.pad_token_id)  # [B*G, L]
+        mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
+        input_ids = torch.cat([prompt_ids, fed], dim=1)  # [B*G, P+L]
+        length = completion_ids.shape[1]
+        outputs = self.hf_model(
+            input_ids=input_ids,
+            attention_mask=torch.cat([expanded["attention_mask"], mask.to(expanded["attention_mask"].dtype)], dim=1),
+            mm_token_type_ids=self._token_types(input_ids),
+            pixel_values=expanded.get("pixel_values"),
+            image_grid_thw=expanded.get("image_grid_thw"),
+            logits_to_keep=length + 1,
+            use_cache=False,
+        )
+        logits = outputs.logits[:, :-1]  # [B*G, L, V]: position P-1+j predicts completion token j
+        return selective_log_softmax(logits, completion_ids, temperature)
+
+    # ------------------------------------------------------------------ reference model
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base model (LoRA off) inside the block: the GRPO reference at no memory cost."""
+        if not self.has_lora:
+            raise RuntimeError(
+                "adapters_disabled() needs LoRA adapters, but this backbone trains all weights; "
+                "use build_frozen_copy() for a reference model"
+            )
+        with self.model.disable_adapter():
+            yield
+
+    def build_frozen_copy(self) -> Backbone:
+        """A deep copy in eval mode with every parameter frozen (reference or old policy).
+
+        Build it before sharding: the copy has the same generate/token_logprobs API.
+        """
+        if sharding.fsdp_units(self.model):
+            raise RuntimeError("build_frozen_copy() must run before apply_fully_shard(); the model is already sharded")
+        frozen = copy.deepcopy(self)
+        frozen.requires_grad_(False)
+        return frozen.eval()
+
+    # ------------------------------------------------------------------ distribution and export
+    def apply_fully_shard(self, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+        """FSDP2-shard decoder layers, vision blocks and the root over ``mesh`` (see ``sharding``)."""
+        sharding.apply_fully_shard(self.model, mesh, mp_policy)
+
+    def gathered_for_generation(self) -> AbstractContextManager[None]:
+        """Context keeping FSDP2 parameters gathered for a whole generation; no-op when unsharded."""
+        return sharding.gathered_for_generation(self.model)
+
+    def export(self, path: str | Path) -> Path:
+        """Write a transformers-loadable folder (LoRA merged into a copy, safetensors, processor)."""
+        return export_pretrained(self.model, self.processor, path)
+
+    # ------------------------------------------------------------------ helpers
+    def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        config = self.hf_model.config
+        return mm_token_types(input_ids, config.image_token_id, config.video_token_id)
+
+    def _expand(self, prompt_inputs: Mapping[str, torch.Tensor], num_generations: int) -> dict[str, torch.Tensor]:
+        """Prompt inputs on the model's device, with token types, repeated G times per prompt."""
+        device = next(self.hf_model.parameters()).device
+        inputs = {k: v.to(device) for k, v in prompt_inputs.items() if isinstance(v, torch.Tensor)}
+        inputs["mm_token_type_ids"] = self._token_types(inputs["input_ids"])
+        return expand_prompt_inputs(
+            inputs,
+            num_generations,
+            image_token_id=self.hf_model.config.image_token_id,
+            merge_size=self.hf_model.config.vision_config.spatial_merge_size,
+        )
+
+
+def _enable_checkpointing(model: Qwen2_5_VLForConditionalGeneration) -> None:
+    """Non-reentrant activation checkpointing (``activation_checkpointing_enable`` is absent in transformers 5.17)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,19 @@
+"""Lightning callbacks: the GRPO chain (rollout, rewards, reference) and export."""
+
+from pathvlm_lightning.callbacks.export import ExportCallback
+from pathvlm_lightning.callbacks.process_reward import ProcessReward, RubricProcessReward
+from pathvlm_lightning.callbacks.reference import ReferenceModelCallback
+from pathvlm_lightning.callbacks.reward import RewardCallback
+from pathvlm_lightning.callbacks.rewards import AccuracyReward, FormatReward
+from pathvlm_lightning.callbacks.rollout import RolloutCallback
+
+__all__ = [
+    "AccuracyReward",
+    "ExportCallback",
+    "FormatReward",
+    "ProcessReward",
+    "ReferenceModelCallback",
+    "RewardCallback",
+    "RolloutCallback",
+    "RubricProcessReward",
+]

@@ -1,0 +1,95 @@
+"""The KL anchor of GRPO: log-probs of the completions under the reference model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Callback
+from typing_extensions import override
+
+from pathvlm_lightning.grpo.rollout import Rollout
+
+
+class ReferenceModelCallback(Callback):
+    """Computes ``rollout.ref_logprobs`` [B*G, L] for the KL term (the module calls it; only when beta > 0).
+
+    With LoRA the reference is the same weights with the adapters disabled: no second copy in memory.
+    With full fine-tuning a frozen copy of the policy is built in ``setup`` (the policy's weights at
+    that point are the stage's starting point, also on resume, since the module is rebuilt from the
+    same checkpoint folder before the training state is restored).
+
+    Args:
+        sync_every_n_steps: if set, every N optimizer steps the reference moves towards the policy:
+            ``ref = mix * policy + (1 - mix) * ref`` (full fine-tuning only).
+        sync_mix: the mixing coefficient in (0, 1].
+
+    State: the reference weights only once a sync has changed them (otherwise they are rebuilt).
+    """
+
+    def __init__(self, sync_every_n_steps: int | None = None, sync_mix: float = 0.6) -> None:
+        if sync_every_n_steps is not None and sync_every_n_steps < 1:
+            raise ValueError(f"ReferenceModelCallback: sync_every_n_steps must be >= 1 or null, got {sync_every_n_steps!r}")
+        if not 0 < sync_mix <= 1:
+            raise ValueError(f"ReferenceModelCallback: sync_mix must be in (0, 1], got {sync_mix!r}")
+        self.sync_every_n_steps = sync_every_n_steps
+        self.sync_mix = sync_mix
+        self._reference: Any = None  # a frozen Backbone copy (full fine-tuning only)
+        self._synced = False
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self._reference is None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not getattr(pl_module, "needs_reference", True):
+            return
+        backbone = pl_module.backbone
+        if backbone.has_lora:
+            if self.sync_every_n_steps is not None:
+                raise ValueError(
+                    "ReferenceModelCallback: sync_every_n_steps needs a separate reference copy; with LoRA the "
+                    "reference is the base model with adapters disabled. Set sync_every_n_steps: null."
+                )
+            return
+        if self._reference is None:
+            self._reference = backbone.build_frozen_copy()
+
+    @torch.no_grad()
+    def reference_logprobs(self, pl_module: Any, rollout: Rollout) -> torch.Tensor:
+        """[B*G, L] log-probs of ``rollout.completion_ids`` under the reference, at sampling temperature."""
+        backbone = pl_module.backbone
+        kwargs = dict(num_generations=rollout.group_size, temperature=rollout.temperature)
+        if self._reference is None:
+            with backbone.adapters_disabled():
+                return backbone.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
+        self._reference.to(pl_module.device)
+        return self._reference.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._reference is None or self.sync_every_n_steps is None:
+            return
+        if trainer.global_step > 0 and trainer.global_step % self.sync_every_n_steps == 0:
+            self._mix_towards(pl_module.backbone)
+
+    @torch.no_grad()
+    def _mix_towards(self, policy: torch.nn.Module) -> None:
+        policy_params = dict(policy.named_parameters())
+        for name, ref_param in self._reference.named_parameters():
+            ref_param.lerp_(policy_params[name].detach().to(ref_param.dtype), self.sync_mix)
+        self._synced = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._reference is None or not self._synced:
+            return {"synced": False}
+        return {"synced": True, "reference": {k: v.cpu() for k, v in self._reference.state_dict().items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("synced") and self._reference is not None:
+            self._reference.load_state_dict(state_dict["reference"])
+            self._synced = True

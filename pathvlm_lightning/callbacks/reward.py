@@ -1,0 +1,62 @@
+"""Base class of every reward callback: a thin adapter from a rollout to one score per completion.
+
+The GRPO module finds reward callbacks among ``trainer.callbacks`` and calls them itself, in a fixed
+order (rollout -> ``begin`` on every reward -> reference forward -> ``score`` on every reward), so
+the order they are listed in YAML never matters. ``begin`` lets a slow reward (an HTTP judge) start
+its work before the reference forward and collect it in ``score``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+from typing_extensions import override
+
+from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.grpo.rollout import Rollout
+
+
+class RewardCallback(Callback):
+    """Scores completions. Subclasses implement ``score_text`` (pure, per completion) or override
+    ``score`` (whole rollout). A NaN score means "abstain": the completion is ignored by this reward
+    when advantages are computed.
+
+    Args:
+        weight: multiplies the score before rewards are summed.
+        name: the name the reward is logged under (``reward/<name>``); defaults to the class's
+            ``default_name``.
+    """
+
+    default_name = "reward"
+
+    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+        if not math.isfinite(weight):
+            raise ValueError(f"{type(self).__name__}: weight must be a finite number, got {weight!r}")
+        self.weight = float(weight)
+        self.name = name or self.default_name
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def begin(self, rollout: Rollout, pl_module: Any) -> None:
+        """Start work for this rollout (default: nothing). Called before the reference forward."""
+
+    def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
+        """[B*G] float scores, unweighted."""
+        values = [
+            self.score_text(text, rollout.record_of(i))
+            for i, text in enumerate(rollout.completion_texts)
+        ]
+        return torch.tensor(values, dtype=torch.float32)
+
+    def score_text(self, completion: str, record: VQARecord) -> float:
+        raise NotImplementedError(f"{type(self).__name__} must implement score_text or score")
+
+    def metrics(self) -> dict[str, float]:
+        """Extra scalars to log after ``score`` (e.g. judge counters), keyed without prefix."""
+        return {}

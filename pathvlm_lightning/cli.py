@@ -1,0 +1,36 @@
+"""``python -m pathvlm_lightning {fit,validate,test,predict} --config X.yaml``.
+
+Model and data are LightningCLI subclass groups (``class_path``/``init_args``). The data module gets
+its processor and batch kind from the model once both exist, so a YAML names the checkpoint once.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+class PathVLMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(
+            "model", "data.init_args.processor", compute_fn=lambda m: m.backbone.processor, apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "model", "data.init_args.batch_kind", compute_fn=lambda m: m.batch_kind, apply_on="instantiate"
+        )
+
+
+def main(args: list[str] | None = None, run: bool = True) -> PathVLMCLI:
+    """Entry point; ``args`` lets tests and scripts call the CLI in-process."""
+    import pathvlm_lightning.modules  # noqa: F401  (registers the modules for class_path shorthands)
+    import pathvlm_lightning.data  # noqa: F401
+
+    return PathVLMCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )

@@ -1,0 +1,240 @@
+"""The LightningDataModule every stage uses: load, check, split once, then serve batches.
+
+All stages of a pipeline point at the same ``split_dir``: the first run writes the image-grouped
+split files (see :mod:`pathvlm_lightning.data.splits`), later runs re-use them and refuse to run
+if asked for a different split. ``prepare_data`` (one process per node) reads and checks the
+source and writes the splits; ``setup`` (every process) only reads split files.
+
+Init arguments are plain types so LightningCLI can build the module from YAML; the processor is
+not one of them in practice: the CLI copies the backbone's processor in after construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from pathvlm_lightning.data.collate import PromptCollator, SFTCollator
+from pathvlm_lightning.data.loaders import RECORD_STYLES, FieldMap, load_records
+from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.data.splits import (
+    DEFAULT_SPLIT_SIZES,
+    SplitManifest,
+    check_manifest,
+    normalise_sizes,
+    prepare_splits,
+    read_split,
+)
+from pathvlm_lightning.data.synthetic import ensure_embedded_dataset
+from pathvlm_lightning.data.validation import ValidationReport, check_on_invalid
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+# The built-in set: the paper's SFT/RL sizes, a validation split for early stopping, and the rest
+# (1,700 of the default 6,000) for testing, enough to resolve a few points of accuracy.
+EMBEDDED_SPLIT_SIZES: dict[str, int | None] = {"sft": 3000, "rl": 1000, "val": 300, "test": None}
+
+
+class RecordDataset(Dataset):
+    """A list of records; images are opened by the collator, in the loader's workers."""
+
+    def __init__(self, records: list[VQARecord]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> VQARecord:
+        return self.records[index]
+
+
+class EpochSeededSampler(RandomSampler):
+    """Shuffles with ``seed + epoch``, so an epoch has the same order in a resumed run as in an
+    uninterrupted one (Lightning calls ``set_epoch``; under DDP it substitutes a seeded
+    ``DistributedSampler``, as it does for any ``RandomSampler``)."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class VQADataModule(LightningDataModule):
+    """Multiple-choice VQA batches for SFT, GRPO and evaluation.
+
+    Args:
+        data_path: a .json/.jsonl/.parquet file or ``save_to_disk`` folder, or ``"embedded"`` for the
+            built-in synthetic set (generated on first use under ``embedded_root``).
+        record_style: ``"pathmmu"`` (options column) or ``"vlm_r1"`` (options in ``problem``,
+            reasoning and answer in ``solution``).
+        field_map: overrides of the style's source columns, e.g. ``{"answer": "gt_answer"}``.
+        image_root: folder relative image paths start from (default: the data file's folder).
+        split_dir: where the split files and manifest live; share it between the stages of a pipeline.
+        split_sizes: records per split in fill order; ``null``/-1 = the rest. Default: the paper's
+            3000/1000/1385 for a data file, :data:`EMBEDDED_SPLIT_SIZES` for the embedded set.
+        seed: seeds the split, the embedded set and the training shuffle.
+        train_split, val_split, test_split, predict_split: which split each loader serves; a
+            ``val_split`` absent from the split sizes means no validation loop.
+        batch_size, eval_batch_size: records per training / evaluation batch (eval default: batch_size).
+        on_invalid: ``"error"`` stops at the first bad record; ``"skip"`` logs, counts and leaves it out.
+        batch_kind: what train/val batches are: ``"sft"`` (conversation + labels) or ``"prompt"``
+            (prompts for GRPO rollouts). Test and predict batches are always prompts.
+        processor: the backbone's processor; set by the CLI after construction.
+        max_length, max_prompt_length: token limits of SFT conversations / prompts (None: no limit).
+        embedded_records, embedded_root: size and cache folder (default ``<split_dir>/embedded``) of
+            the embedded set.
+    """
+
+    def __init__(
+        self,
+        data_path: str = EMBEDDED,
+        record_style: Literal["pathmmu", "vlm_r1"] = "pathmmu",
+        field_map: dict[str, str | list[str] | None] | None = None,
+        image_root: str | None = None,
+        split_dir: str = "splits",
+        split_sizes: dict[str, int | None] | None = None,
+        seed: int = 0,
+        train_split: str = "sft",
+        val_split: str | None = "val",
+        test_split: str = "test",
+        predict_split: str = "test",
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_invalid: Literal["error", "skip"] = "error",
+        batch_kind: Literal["sft", "prompt"] = "sft",
+        processor: Any = None,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        embedded_records: int = 6000,
+        embedded_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        if record_style not in RECORD_STYLES:
+            raise ValueError(f"record_style must be one of {RECORD_STYLES}, got {record_style!r}")
+        check_on_invalid(on_invalid)
+        if batch_kind not in ("sft", "prompt"):
+            raise ValueError(f"batch_kind must be 'sft' or 'prompt', got {batch_kind!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value!r}")
+        FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
+        default_sizes = EMBEDDED_SPLIT_SIZES if data_path == EMBEDDED else DEFAULT_SPLIT_SIZES
+        self.split_sizes = normalise_sizes(split_sizes if split_sizes is not None else default_sizes)
+        for role, name in (("train_split", train_split), ("test_split", test_split), ("predict_split", predict_split)):
+            if name not in self.split_sizes:
+                raise ValueError(f"{role} {name!r} is not one of the splits {list(self.split_sizes)}")
+        self.save_hyperparameters(ignore=["processor"])
+        self.processor = processor
+        self.validation_report: ValidationReport | None = None
+        self.manifest: SplitManifest | None = None
+        self.datasets: dict[str, RecordDataset] = {}
+
+    @property
+    def has_val(self) -> bool:
+        return self.hparams.val_split is not None and self.hparams.val_split in self.split_sizes
+
+    def records_path(self) -> str:
+        """The records file (or dataset folder) to read; generates the embedded set on first use."""
+        if self.hparams.data_path == EMBEDDED:
+            root = self.hparams.embedded_root or os.path.join(self.hparams.split_dir, EMBEDDED)
+            return str(Path(ensure_embedded_dataset(root, self.hparams.seed, self.hparams.embedded_records)).resolve())
+        return str(Path(self.hparams.data_path).resolve())
+
+    def _asked(self, records_path: str) -> SplitManifest:
+        return SplitManifest(source=records_path, seed=self.hparams.seed, sizes=self.split_sizes)
+
+    def prepare_data(self) -> None:
+        """Read and check the source, then write the splits (or confirm the existing ones match)."""
+        path = self.records_path()
+        asked = self._asked(path)
+        check_manifest(self.hparams.split_dir, asked, check_fingerprint=False)  # refuse before a long read
+        records, self.validation_report = load_records(
+            path,
+            self.hparams.record_style,
+            self.hparams.field_map,
+            image_root=self.hparams.image_root,
+            image_dir=os.path.join(self.hparams.split_dir, "images"),
+            on_invalid=self.hparams.on_invalid,
+        )
+        log.info("%s", self.validation_report.summary())
+        self.manifest = prepare_splits(records, self.hparams.split_dir, asked)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the split files the stage needs (written by ``prepare_data``)."""
+        if self.processor is None:
+            raise RuntimeError(
+                "VQADataModule.processor is None: set it to the backbone's processor before setup "
+                "(the CLI does this; in code: datamodule.processor = model.backbone.processor)"
+            )
+        manifest = check_manifest(self.hparams.split_dir, self._asked(self.records_path()), check_fingerprint=False)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"no splits in {self.hparams.split_dir!r}: call prepare_data() first (the Trainer does this)"
+            )
+        self.manifest = manifest
+        for name in self._splits_for(stage):
+            if name not in self.datasets:
+                self.datasets[name] = RecordDataset(read_split(self.hparams.split_dir, name))
+
+    def _splits_for(self, stage: str | None) -> list[str]:
+        h = self.hparams
+        val = [h.val_split] if self.has_val else []
+        if stage == "validate" and not val:
+            raise ValueError(f"val_split {h.val_split!r} is not one of the splits {list(self.split_sizes)}")
+        wanted = {"fit": [h.train_split, *val], "validate": val, "test": [h.test_split], "predict": [h.predict_split]}
+        return wanted.get(stage, [h.train_split, *val, h.test_split, h.predict_split])
+
+    def _split_batch_collator(self, split: str, kind: str) -> SFTCollator | PromptCollator:
+        h = self.hparams
+        name = os.path.join(h.split_dir, f"{split}.jsonl")
+        if kind == "sft":
+            return SFTCollator(self.processor, max_length=h.max_length, on_invalid=h.on_invalid, name=name)
+        return PromptCollator(self.processor, max_prompt_length=h.max_prompt_length, on_invalid=h.on_invalid, name=name)
+
+    def _loader(self, split: str, kind: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"split {split!r} is not loaded: call setup() for the stage that uses it first")
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None,
+            collate_fn=self._split_batch_collator(split, kind),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    @property
+    def _eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.train_split, self.hparams.batch_kind, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of ``val_split`` like the training ones; ``[]`` (no validation) without a val split."""
+        if not self.has_val:
+            return []
+        return self._loader(self.hparams.val_split, self.hparams.batch_kind, self._eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.test_split, "prompt", self._eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.predict_split, "prompt", self._eval_batch_size, shuffle=False)

@@ -1,0 +1,52 @@
+"""What the SFT and GRPO modules share: the backbone, the injected optimizer/scheduler, sharding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from pathvlm_lightning.backbone import Backbone
+
+
+class BackboneModule(pl.LightningModule):
+    """A LightningModule around a :class:`Backbone`.
+
+    The optimizer and scheduler are injected by LightningCLI (``optimizer:``/``scheduler:`` in YAML,
+    or callables in Python); only parameters with ``requires_grad`` are optimised, so a frozen vision
+    tower or a LoRA-wrapped LM is handled by the backbone's own settings.
+    """
+
+    #: what train/val batches must hold: "sft" (conversation + labels) or "prompt" (prompts only)
+    batch_kind = "sft"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._optimizer_factory = optimizer
+        self._scheduler_factory = scheduler
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` shard the backbone with FSDP2 (``fully_shard``), once."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy) and not getattr(self, "_sharded", False):
+            self.backbone.apply_fully_shard(self.device_mesh["data_parallel"])
+            self._sharded = True
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__}: the backbone has no trainable parameters")
+        optimizer = self._optimizer_factory(params)
+        if self._scheduler_factory is None:
+            return optimizer
+        scheduler = self._scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,208 @@
+"""Group Relative Policy Optimization: the RL stage (critic-free, advantages relative to the group)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pathvlm_lightning.backbone import Backbone
+from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
+from pathvlm_lightning.grpo.advantages import group_advantages, zero_variance_groups
+from pathvlm_lightning.grpo.loss import GRPOLoss, LossType
+from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.modules.base import BackboneModule
+from pathvlm_lightning.modules.evaluation import GenerationEvaluation
+
+
+class GRPOModule(GenerationEvaluation, BackboneModule):
+    """One training step = one rollout and ``num_iterations`` optimizer steps on it.
+
+    The step runs the chain that ``trainer.callbacks`` provide, in a fixed order whatever their order
+    in YAML: ``RolloutCallback.generate`` (B*G completions) -> every reward's ``begin`` -> the
+    ``ReferenceModelCallback`` forward (only when ``beta > 0``; a judge's network wait overlaps it)
+    -> every reward's ``score`` -> group-relative advantages -> the clipped surrogate with k3 KL
+    (``grpo/loss.py``). Optimisation is manual because one rollout feeds ``num_iterations`` optimizer
+    steps; with 1 the old log-probs are the detached current ones and no extra forward is spent,
+    with more the first pass's detached log-probs serve as the old policy's.
+
+    Args:
+        backbone: the policy (starts from the SFT stage's exported folder).
+        optimizer / scheduler: injected factories; the scheduler steps once per optimizer step.
+        loss_type: ``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo`` (see ``grpo/loss.py``).
+        beta: k3 KL coefficient; 0 computes no reference log-probs at all.
+        epsilon_low / epsilon_high: clip range of the ratio.
+        scale_rewards: advantage scaling, ``group`` (std of the group), ``batch`` or ``none``.
+        num_iterations: optimizer steps per rollout (PPO-style reuse).
+        drop_zero_variance_groups: train only on groups whose rewards differ (dynamic sampling);
+            their advantages are 0 anyway, dropping them stops them diluting the loss.
+        max_grad_norm: gradient clipping by global norm (null: none).
+        log_completions_every_n_steps: write a few sample completions to TensorBoard as text.
+        eval_max_new_tokens / predictions_path: greedy ``test``/``predict``/``validate``.
+    """
+
+    batch_kind = "prompt"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        loss_type: LossType = "grpo",
+        beta: float = 0.04,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        num_iterations: int = 1,
+        drop_zero_variance_groups: bool = False,
+        max_grad_norm: float | None = 1.0,
+        log_completions_every_n_steps: int = 50,
+        eval_max_new_tokens: int = 128,
+        predictions_path: str | None = None,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler)
+        if num_iterations < 1:
+            raise ValueError(f"GRPOModule: num_iterations must be >= 1, got {num_iterations!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"GRPOModule: max_grad_norm must be > 0 or null, got {max_grad_norm!r}")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.automatic_optimization = False
+        self._init_evaluation(eval_max_new_tokens, predictions_path)
+        self._loss_args = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta)
+        self.loss_fn: GRPOLoss | None = None  # built in setup, once max_new_tokens is known
+        self._chain: GRPOChain | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.hparams.beta > 0
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._chain = find_chain(self.trainer.callbacks, needs_reference=self.needs_reference)
+        self.loss_fn = GRPOLoss(**self._loss_args, max_completion_length=self._chain.rollout.max_new_tokens)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def make_rollout(self, batch: dict) -> Rollout:
+        """Generate, score and compute advantages (and reference log-probs) for one batch."""
+        chain = self._chain
+        rollout = chain.rollout.generate(self, batch)
+        for reward in chain.rewards:
+            reward.begin(rollout, self)
+        if self.needs_reference:
+            rollout.ref_logprobs = chain.reference.reference_logprobs(self, rollout)
+        for reward in chain.rewards:
+            scores = reward.score(rollout, self).to(self.device, torch.float32)  # [B*G]
+            rollout.extras.setdefault("scores", {})[reward.name] = scores
+            rollout.rewards[reward.name] = scores * reward.weight
+        total = rollout.total_reward()  # [B*G]
+        rollout.advantages = group_advantages(total, rollout.group_size, scale=self.hparams.scale_rewards)
+        return rollout
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout = self.make_rollout(batch)
+        total = rollout.total_reward()
+        zero_var = zero_variance_groups(total, rollout.group_size)  # [B]
+        train_rollout = rollout
+        if self.hparams.drop_zero_variance_groups and bool((~zero_var).any()):
+            train_rollout = rollout.select_groups(~zero_var)
+        self._log_rollout(rollout, total, zero_var, train_rollout)
+
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        for iteration in range(self.hparams.num_iterations):
+            logprobs = self.backbone.token_logprobs(
+                train_rollout.prompt_inputs,
+                train_rollout.completion_ids,
+                num_generations=train_rollout.group_size,
+                temperature=train_rollout.temperature,
+            )  # [N, L]
+            loss, stats = self.loss_fn(
+                logprobs,
+                train_rollout.advantages,
+                train_rollout.completion_mask,
+                old_logprobs=train_rollout.old_logprobs,
+                ref_logprobs=train_rollout.ref_logprobs,
+            )
+            if iteration == 0 and self.hparams.num_iterations > 1:
+                train_rollout.old_logprobs = logprobs.detach()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.hparams.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.parameters() if p.requires_grad], self.hparams.max_grad_norm
+                )
+                self.log("train/grad_norm", _full(grad_norm), batch_size=1)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            self._log_loss(loss, stats)
+
+    # ---- logging --------------------------------------------------------------------------------
+    def _log_rollout(self, rollout: Rollout, total: torch.Tensor, zero_var: torch.Tensor, trained: Rollout) -> None:
+        lengths = rollout.completion_mask.sum(dim=1).float()  # [B*G]
+        log = dict(batch_size=rollout.num_completions, sync_dist=True)
+        for name, scores in rollout.extras["scores"].items():
+            self.log(f"reward/{name}", torch.nanmean(scores), prog_bar=name == "accuracy", **log)
+        self.log("reward/total_mean", torch.nanmean(total), prog_bar=True, **log)
+        self.log("reward/total_std", _nanstd(total), **log)
+        adv = rollout.advantages
+        self.log("advantage/mean", adv.mean(), **log)
+        self.log("advantage/std", adv.std() if adv.numel() > 1 else adv.new_zeros(()), **log)
+        self.log("advantage/abs_mean", adv.abs().mean(), **log)
+        self.log("completion/length_mean", lengths.mean(), **log)
+        self.log("completion/length_max", lengths.max(), reduce_fx="max", **log)
+        self.log("completion/truncated_frac", rollout.truncated.float().mean(), **log)
+        self.log("groups/zero_variance_frac", zero_var.float().mean(), **log)
+        self.log("groups/trained_frac", trained.num_prompts / rollout.num_prompts, **log)
+        self.log("rollout/tokens_per_s", lengths.sum() / max(rollout.generation_seconds, 1e-9), **log)
+        for reward in self._chain.rewards:
+            for key, value in reward.metrics().items():
+                self.log(f"{reward.name}/{key}", float(value), **log)
+        every = self.hparams.log_completions_every_n_steps
+        if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger):
+            self._log_samples(rollout)
+
+    def _log_loss(self, loss: torch.Tensor, stats: Any) -> None:
+        log = dict(batch_size=1, sync_dist=True)
+        self.log("train/loss", loss.detach(), prog_bar=True, **log)
+        self.log("train/policy_loss", stats.policy_loss, **log)
+        if stats.kl is not None:
+            self.log("train/kl", stats.kl, prog_bar=True, **log)
+        self.log("train/clip_low_frac", stats.clip_low_fraction, **log)
+        self.log("train/clip_high_frac", stats.clip_high_fraction, **log)
+        self.log("train/ratio_mean", stats.ratio_mean, **log)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
+
+    def _log_samples(self, rollout: Rollout, count: int = 4) -> None:
+        rows = []
+        for i in range(min(count, rollout.num_completions)):
+            record = rollout.record_of(i)
+            total = rollout.total_reward()[i].item()
+            text = rollout.completion_texts[i].replace("|", "\\|").replace("\n", " ")
+            rows.append(f"| {record.id} | {record.reference} | {total:.2f} | `{text}` |")
+        table = "| id | reference | reward | completion |\n|---|---|---|---|\n" + "\n".join(rows)
+        self.logger.experiment.add_text("samples/completions", table, global_step=self.global_step)
+
+    # ---- validation: greedy answers on the validation split ----------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_correct: list[float] = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        preds = self.answer_batch(batch)
+        n = len(preds)
+        self.log("val/accuracy", sum(p.correct for p in preds) / n, batch_size=n, sync_dist=True, prog_bar=True)
+        self.log("val/format_compliance", sum(p.format_ok for p in preds) / n, batch_size=n, sync_dist=True)
+        self.log("val/avg_output_tokens", sum(p.output_tokens for p in preds) / n, batch_size=n, sync_dist=True)
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    finite = x[~torch.isnan(x)]
+    return finite.std() if finite.numel() > 1 else x.new_zeros(())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (possibly DTensor) value, for logging."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -1,0 +1,31 @@
+"""The cross-modal process reward's judge: request building, reply parsing, cache and client.
+
+Free of Lightning; :mod:`pathvlm_lightning.callbacks.process_reward` adapts it to training.
+"""
+
+from pathvlm_lightning.rewards.judge.budget import JudgeBudget
+from pathvlm_lightning.rewards.judge.cache import JudgeCache, cache_key
+from pathvlm_lightning.rewards.judge.client import JudgeClient, retry_after_seconds
+from pathvlm_lightning.rewards.judge.config import JudgeConfig
+from pathvlm_lightning.rewards.judge.counters import FAULTS, JudgeResult, summarize
+from pathvlm_lightning.rewards.judge.parse import JudgeScores, fallback_scores, parse_reply
+from pathvlm_lightning.rewards.judge.request import RUBRIC, RUBRIC_VERSION, JudgeItem, build_messages
+
+__all__ = [
+    "FAULTS",
+    "RUBRIC",
+    "RUBRIC_VERSION",
+    "JudgeBudget",
+    "JudgeCache",
+    "JudgeClient",
+    "JudgeConfig",
+    "JudgeItem",
+    "JudgeResult",
+    "JudgeScores",
+    "build_messages",
+    "cache_key",
+    "fallback_scores",
+    "parse_reply",
+    "retry_after_seconds",
+    "summarize",
+]

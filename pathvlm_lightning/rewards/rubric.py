@@ -1,0 +1,178 @@
+"""The process-reward rubric checked by rules: a cheap, offline STAND-IN for the GPT-4o judge.
+
+It reads words, not meaning. It cannot see the image or know whether a stated fact is true; it
+only checks that the reasoning has the rubric's shape (describes the image, rules out options,
+cites pathology terms) and catches a few errors that words give away (a stain given the wrong
+colour, an answer the reasoning ruled out, a retired diagnosis). It lets the whole pipeline run
+with no API key and no network; it is not the paper's reward.
+
+Scores follow the paper's arithmetic: integrity = 1 - 0.4 per missing element, knowledge =
+1 - 0.4 per kind of error, both floored at 0 (so each is one of 1.0, 0.6, 0.2, 0.0).
+"""
+
+from __future__ import annotations
+
+import re
+
+from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.rewards.answer import extract_answer, normalize_text, resolve_choice
+from pathvlm_lightning.rewards.judge.request import reasoning_of
+
+PENALTY = 0.4
+
+_IMAGE_FEATURES = re.compile(
+    r"\b(colou?r\w*|stain\w*|hue|pink|purple|blue|brown|red|violet|eosinophilic|basophilic|"
+    r"nucle(?:us|i|ar|olus|oli)|chromatin|cytoplasm\w*|size|sized|large|small|enlarged|"
+    r"densit\w*|dense|sparse|crowd\w*|arrange\w*|pattern\w*|architecture|shape\w*|round|oval|"
+    r"spindle|irregular|borders?|margins?|texture|clusters?|sheets?|nests?|layers?|cells?)\b",
+    re.IGNORECASE,
+)
+_KNOWLEDGE = re.compile(
+    r"(haematoxylin|hematoxylin|\beosin\b|\bh&e\b|\bdab\b|immunohisto\w*|\bihc\b|pleomorph\w*|"
+    r"mitos[ie]s|mitotic|nuclear[- ]to[- ]cytoplasmic|\bn:c\b|\bn/c\b|gland\w*|strom\w*|"
+    r"epitheli\w*|carcinoma|adenoma|sarcoma|lymphoma|necros[ie]s|necrotic|kerat\w*|fibros[ie]s|"
+    r"lymphocyt\w*|infiltrat\w*|atypi\w*|dysplas\w*|metaplas\w*|hyperplas\w*|neoplas\w*|"
+    r"basement membrane|collagen\w*|invasi\w*|apoptos[ie]s|granulom\w*|malignan\w*|"
+    r"differentiat\w*|anaplas\w*)",
+    re.IGNORECASE,
+)
+_NEGATION_BEFORE = re.compile(
+    r"\b(not|no|never|unlikely|rules?|ruled|ruling|exclud\w*|eliminat\w*|unlike|against|"
+    r"isn't|aren't|doesn't|don't|cannot|can't|rather|instead|neither|nor|lacks?|lacking|without)\b",
+    re.IGNORECASE,
+)
+_NEGATION_AFTER = re.compile(
+    r"\b(not|unlikely|incorrect|wrong|excluded|ruled|eliminated|inconsistent|isn't|aren't|"
+    r"doesn't|cannot|can't)\b",
+    re.IGNORECASE,
+)
+# Keywords in any case, the letter itself a capital: "the answer is a large cell" names no option.
+_CONCLUSION = re.compile(
+    r"(?i:\b(?:(?:correct|best|final)\s+)?(?:answer|option|choice)\s+(?:is|would be|must be)\s*:?\s*"
+    r"(?:option\s+)?)\(?([A-Z])\b(?!&)"
+)
+_CONCLUSION_AFTER = re.compile(
+    r"(?i:\b(?:option|choice)\s+)\(?([A-Z])\)?(?i:\s+is\s+(?:the\s+)?(?:correct|right|best|most likely))"
+)
+_WRONG_STAIN_COLOUR = (
+    # (stain, colour it does not give, words that make the sentence about another stain too)
+    (re.compile(r"ha?ematoxylin", re.I), re.compile(r"\b(pink|red)\b", re.I), re.compile(r"\beosin\b", re.I)),
+    (re.compile(r"\beosin\b", re.I), re.compile(r"\b(blue|purple)\b", re.I), re.compile(r"ha?ematoxylin", re.I)),
+    (re.compile(r"\bdab\b", re.I), re.compile(r"\bblue\b", re.I), re.compile(r"ha?ematoxylin|counterstain", re.I)),
+)
+_OUTDATED = re.compile(
+    r"bronchioloalveolar carcinoma|malignant fibrous histiocytoma|hemangiopericytoma|haemangiopericytoma|"
+    r"primitive neuroectodermal tumou?r of the (?:cns|central nervous system)|oligoastrocytoma|"
+    r"gliomatosis cerebri",
+    re.IGNORECASE,
+)
+_JOINER = re.compile(r"[\s,]*(?:(?:and|or|nor)\b[\s,]*)?", re.IGNORECASE)
+_SENTENCES = re.compile(r"[^.!?;\n]+")
+_WORD = re.compile(r"[\w'&]+")
+
+
+def _option_mentions(sentence: str, options: dict[str, str]) -> list[tuple[str, int, int]]:
+    """(letter, start, end) of each reference to an option: "option B", "(B)", "B)", a bare
+    capital B-Z (a bare "A" is the article), or the option's text."""
+    found = []
+    keys = {key.upper(): key for key in options}
+    for pattern in (
+        r"(?i:\b(?:option|choice|answer)\s*)\(?\s*([A-Z])\b\)?",
+        r"\(([A-Z])\)",
+        r"\b([A-Z])\)",
+        r"(?<![\w&])([B-Z])(?![\w&])",
+    ):
+        for match in re.finditer(pattern, sentence):
+            if match.group(1).upper() in keys:
+                found.append((keys[match.group(1).upper()], match.start(), match.end()))
+    lowered = sentence.casefold()
+    for key, text in options.items():
+        needle = normalize_text(text)
+        if len(needle) >= 3:
+            for match in re.finditer(rf"(?<!\w){re.escape(needle)}(?!\w)", lowered):
+                found.append((key, match.start(), match.end()))
+    return found
+
+
+def negated_options(reasoning: str, options: dict[str, str]) -> set[str]:
+    """Letters of the options the reasoning rules out: mentioned with a negation among the four
+    words before ("not large", "rules out B"), counted from the previous option mentioned so a
+    negation binds to the nearest option ("not small, they are large" negates only Small), or
+    among the four words after ("B is unlikely"). Mentions joined by "and"/"or"/"nor"/commas share
+    a negation ("rules out B and D").
+
+    >>> opts = {"A": "Large", "B": "Small", "C": "Spindle", "D": "Round"}
+    >>> sorted(negated_options("Cells are not small, they are large. Option C is unlikely.", opts))
+    ['B', 'C']
+    """
+    negated = set()
+    for sentence in _SENTENCES.findall(reasoning):
+        previous_end, previous_negated = 0, False
+        for letter, start, end in sorted(_option_mentions(sentence, options), key=lambda m: m[1]):
+            gap = sentence[previous_end:start]
+            after = " ".join(_WORD.findall(sentence[end:])[:4])
+            before = " ".join(_WORD.findall(gap)[-4:])
+            chained = previous_end > 0 and _JOINER.fullmatch(gap) is not None
+            is_negated = (chained and previous_negated) or bool(
+                _NEGATION_BEFORE.search(before) or _NEGATION_AFTER.search(after)
+            )
+            if is_negated:
+                negated.add(letter)
+            previous_end, previous_negated = max(previous_end, end), is_negated
+    return negated
+
+
+def _concluded_letters(reasoning: str, options: dict[str, str]) -> set[str]:
+    keys = {key.upper(): key for key in options}
+    letters = {m for pattern in (_CONCLUSION, _CONCLUSION_AFTER) for m in pattern.findall(reasoning)}
+    return {keys[letter] for letter in letters if letter in keys}
+
+
+def _wrong_definition(reasoning: str) -> bool:
+    for sentence in _SENTENCES.findall(reasoning):
+        for stain, colour, other in _WRONG_STAIN_COLOUR:
+            if stain.search(sentence) and colour.search(sentence) and not other.search(sentence):
+                return True
+    return False
+
+
+def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
+    """(integrity, knowledge) of the reasoning in ``completion`` (its ``<think>`` text, or all of it).
+
+    Integrity loses 0.4 for each missing: two or more distinct image-feature words; at least two
+    options other than the chosen one ruled out; a pathology term. Knowledge loses 0.4 for each
+    kind of error: a stain given a colour it does not give; a contradiction (the chosen option was
+    ruled out, the reasoning concludes another letter, or the answer's letter and text name
+    different options); a retired diagnostic term.
+
+    >>> rec = VQARecord(id="q1", image="x.png", question="Nuclear size?",
+    ...                 options={"A": "Large", "B": "Small", "C": "Spindle", "D": "Round"}, answer="A")
+    >>> good = ("<think>H&E: purple nuclei, large and crowded, with pleomorphism. Not small; "
+    ...         "option C is unlikely, no spindle shapes.</think><answer>A) Large</answer>")
+    >>> rubric_scores(good, rec)
+    (1.0, 1.0)
+    >>> bad = "<think>The nuclei are not large. The answer is B.</think><answer>A) Large</answer>"
+    >>> rubric_scores(bad, rec)
+    (0.2, 0.6)
+    """
+    reasoning = reasoning_of(completion)
+    options = dict(record.options)
+    parsed = extract_answer(completion, options)
+    chosen = resolve_choice(parsed, options)
+    negated = negated_options(reasoning, options)
+
+    features = {m.casefold() for m in _IMAGE_FEATURES.findall(reasoning)}
+    missing = (len(features) < 2) + (len(negated - {chosen}) < 2) + (_KNOWLEDGE.search(reasoning) is None)
+
+    letter_text_clash = parsed.letter is not None and chosen is None and parsed.text is not None and any(
+        normalize_text(parsed.text) == normalize_text(text) for key, text in options.items() if key != parsed.letter
+    )
+    contradiction = letter_text_clash or (
+        chosen is not None and (chosen in negated or bool(_concluded_letters(reasoning, options) - {chosen}))
+    )
+    errors = _wrong_definition(reasoning) + contradiction + (_OUTDATED.search(reasoning) is not None)
+    return _after_penalties(missing), _after_penalties(errors)
+
+
+def _after_penalties(count: int) -> float:
+    return max(0.0, round(1.0 - PENALTY * count, 6))
