@@ -6,6 +6,7 @@ its processor and batch kind from the model once both exist, so a YAML names the
 
 from __future__ import annotations
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -25,6 +26,8 @@ def main(args: list[str] | None = None, run: bool = True) -> PathVLMCLI:
     import pathvlm_lightning.modules  # noqa: F401  (registers the modules for class_path shorthands)
     import pathvlm_lightning.data  # noqa: F401
 
+    # Field docstrings of config dataclasses (e.g. JudgeConfig) become their --help text.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return PathVLMCLI(
         LightningModule,
         LightningDataModule,

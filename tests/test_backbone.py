@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
 from pathvlm_lightning.backbone import LoraOptions, completion_mask, load_processor, pad_after_eos
-from pathvlm_lightning.backbone.sequences import expand_prompt_inputs, images_per_row
+from pathvlm_lightning.backbone.sequences import expand_prompt_inputs, expanded_image_order, images_per_row
 
 IMAGE_PAD = 1010  # tiny vocabulary: see test_tiny_model.test_vocabulary_layout
 EOS, PAD = 1000, 998
@@ -263,6 +263,75 @@ def test_frozen_copy_is_independent(tiny_backbone, prompts):
     with torch.no_grad():
         backbone.hf_model.lm_head.weight.add_(1.0)
     torch.testing.assert_close(frozen.token_logprobs(prompts, completions, num_generations=1), before)
+
+
+# ---------------------------------------------------------------- one vision pass per prompt
+def _mixed_image_prompts(processor) -> dict[str, torch.Tensor]:
+    """Row 0 holds two images (112 px: 16 tokens, 56 px: 4), row 1 one (56 px, other pixels)."""
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": question}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for count, question in [(2, "Compare the two tiles."), (1, "Size?")]
+    ]
+    images = [Image.fromarray(np.random.default_rng(s).integers(0, 256, (s, s, 3), dtype=np.uint8)) for s in (112, 56, 57)]
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def _images_per_vision_call(backbone) -> list[int]:
+    """Filled with the number of images each vision-tower call encodes."""
+    calls: list[int] = []
+    backbone.hf_model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["grid_thw"].shape[0]), with_kwargs=True
+    )
+    return calls
+
+
+def test_expanded_image_order_keeps_each_prompts_images_together(tiny_processor):
+    mixed = _mixed_image_prompts(tiny_processor)
+    assert expanded_image_order([2, 1], num_generations=3) == [0, 1, 0, 1, 0, 1, 2, 2, 2]
+    expanded = expand_prompt_inputs(mixed, 2, image_token_id=IMAGE_PAD, merge_size=2)
+    a, b, c = mixed["pixel_values"].split([64, 16, 16])
+    assert torch.equal(expanded["pixel_values"], torch.cat([a, b, a, b, c, c]))
+    assert expanded["image_grid_thw"].tolist() == [[1, 8, 8], [1, 4, 4]] * 2 + [[1, 4, 4]] * 2
+
+
+def test_encoding_images_once_samples_the_same_completions(tiny_backbone, tiny_processor):
+    mixed = _mixed_image_prompts(tiny_processor)
+    once, plain = tiny_backbone(), tiny_backbone(encode_images_once=False)  # same seed: same weights
+    once_calls, plain_calls = _images_per_vision_call(once), _images_per_vision_call(plain)
+    results = {}
+    for name, backbone in [("once", once), ("plain", plain)]:
+        torch.manual_seed(0)
+        sampled = backbone.generate(mixed, num_generations=3, max_new_tokens=10, min_new_tokens=10)
+        greedy = backbone.generate(mixed, num_generations=3, max_new_tokens=10, do_sample=False)
+        results[name] = (sampled, greedy)
+    assert torch.equal(results["once"][0], results["plain"][0])
+    assert torch.equal(results["once"][1], results["plain"][1]) and results["once"][1].shape[0] == 6
+    assert results["once"][0][0].tolist() != results["once"][0][1].tolist()  # sampled copies differ
+    # 3 images per call instead of 3 x G = 9
+    assert once_calls == [3, 3] and plain_calls == [9, 9]
+
+
+def test_encoding_images_once_gives_the_same_logprobs_and_gradients(tiny_backbone, tiny_processor):
+    mixed = _mixed_image_prompts(tiny_processor)
+    # A trainable vision tower: its gradient must add up over the G rows that share the features.
+    once, plain = tiny_backbone(freeze_vision=False), tiny_backbone(freeze_vision=False, encode_images_once=False)
+    once_calls, plain_calls = _images_per_vision_call(once), _images_per_vision_call(plain)
+    completions = torch.tensor([[11, 12, 13, 14, EOS], [21, 22, EOS, PAD, PAD], [31, 32, 33, 34, 35]] * 2)
+    logps = {}
+    for name, backbone in [("once", once), ("plain", plain)]:
+        logps[name] = backbone.token_logprobs(mixed, completions, num_generations=3)  # [6, 5]
+        logps[name].sum().backward()
+    torch.testing.assert_close(logps["once"], logps["plain"], atol=1e-6, rtol=1e-6)
+    plain_params = dict(plain.named_parameters())
+    for name in ["model.model.visual.patch_embed.proj.weight", "model.model.language_model.layers.0.mlp.up_proj.weight"]:
+        expected = plain_params[name].grad
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(dict(once.named_parameters())[name].grad, expected, atol=1e-5, rtol=1e-4)
+    assert once_calls == [3] and plain_calls == [9]
 
 
 # ---------------------------------------------------------------- export

@@ -77,15 +77,23 @@ def test_prompt_batch_is_left_padded_and_ends_with_the_generation_prompt(tiny_pr
         ]
 
 
+def _limit_between(tiny_processor, records) -> int:
+    """A max_length the first record fits and the second (40 words longer) does not."""
+    fits = SFTCollator(tiny_processor)(records[:1])["input_ids"].shape[1]
+    assert SFTCollator(tiny_processor)(records[1:])["input_ids"].shape[1] > fits + 5
+    return fits + 5
+
+
 def test_too_long_raises_naming_the_record(tiny_processor, image):
     records = [record("fits", image), record("too-long", image, explanation="large " * 40)]
-    with pytest.raises(DataValidationError, match=r"record 'too-long': is \d+ tokens long, over max_length 190"):
-        SFTCollator(tiny_processor, max_length=190)(records)
+    limit = _limit_between(tiny_processor, records)
+    with pytest.raises(DataValidationError, match=rf"record 'too-long': is \d+ tokens long, over max_length {limit}"):
+        SFTCollator(tiny_processor, max_length=limit)(records)
 
 
 def test_too_long_skipped_and_counted(tiny_processor, image, caplog):
     records = [record("fits", image), record("too-long", image, explanation="large " * 40)]
-    collator = SFTCollator(tiny_processor, max_length=190, on_invalid="skip")
+    collator = SFTCollator(tiny_processor, max_length=_limit_between(tiny_processor, records), on_invalid="skip")
     with caplog.at_level(logging.WARNING):
         batch = collator(records)
     assert [r.id for r in batch["records"]] == ["fits"]

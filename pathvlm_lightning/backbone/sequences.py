@@ -48,6 +48,23 @@ def images_per_row(
     return counts
 
 
+def expanded_image_order(counts: Sequence[int], num_generations: int) -> list[int]:
+    """Indices of the B prompts' images in the order the B*G expanded rows consume them.
+
+    Prompt ``i`` holds ``counts[i]`` images; each of its G copies needs all of them in order, so a
+    two-image prompt gives ``[A, B, A, B]``, never ``[A, A, B, B]``.
+
+    >>> expanded_image_order([1, 2], num_generations=2)
+    [0, 0, 1, 2, 1, 2]
+    """
+    order: list[int] = []
+    start = 0
+    for count in counts:
+        order.extend(list(range(start, start + count)) * num_generations)
+        start += count
+    return order
+
+
 def expand_prompt_inputs(
     inputs: Mapping[str, torch.Tensor], num_generations: int, *, image_token_id: int, merge_size: int
 ) -> dict[str, torch.Tensor]:
@@ -55,7 +72,7 @@ def expand_prompt_inputs(
 
     Flat ``pixel_values`` are regrouped per prompt, so prompt ``i``'s patch block (all its images)
     appears G times in a row, matching the order in which the model consumes image tokens;
-    ``image_grid_thw`` follows the same order.
+    ``image_grid_thw`` follows the same order (also when ``pixel_values`` are left out).
     """
     if any(k in inputs for k in _VIDEO_KEYS):
         raise ValueError(f"video inputs are not supported by the backbone; got keys {sorted(inputs)}")
@@ -63,22 +80,15 @@ def expand_prompt_inputs(
     if g < 1:
         raise ValueError(f"num_generations must be >= 1, got {g}")
     input_ids = inputs["input_ids"]  # [B, P]
-    batch = input_ids.shape[0]
     out = {k: v.repeat_interleave(g, dim=0) for k, v in inputs.items() if k not in _IMAGE_KEYS}
-    if inputs.get("pixel_values") is None:
+    grid = inputs.get("image_grid_thw")  # [N, 3]
+    if grid is None:
         return out
-    grid = inputs["image_grid_thw"]  # [N, 3]
-    patches = inputs["pixel_values"].split(grid.prod(-1).tolist())  # N x [t*h*w, C]
-    counts = images_per_row(input_ids, grid, image_token_id, merge_size)
-    starts = [sum(counts[:i]) for i in range(batch)]
-    pixel_blocks, grid_blocks = [], []
-    for start, count in zip(starts, counts):
-        row_pixels = list(patches[start : start + count])
-        row_grid = grid[start : start + count]
-        pixel_blocks.extend(row_pixels * g)
-        grid_blocks.extend([row_grid] * g)
-    out["pixel_values"] = torch.cat(pixel_blocks) if pixel_blocks else inputs["pixel_values"][:0]
-    out["image_grid_thw"] = torch.cat(grid_blocks)  # [N*G, 3]
+    order = expanded_image_order(images_per_row(input_ids, grid, image_token_id, merge_size), g)
+    out["image_grid_thw"] = grid[order]  # [N*G, 3]
+    if inputs.get("pixel_values") is not None:
+        patches = inputs["pixel_values"].split(grid.prod(-1).tolist())  # N x [t*h*w, C]
+        out["pixel_values"] = torch.cat([patches[i] for i in order]) if order else inputs["pixel_values"][:0]
     return out
 
 

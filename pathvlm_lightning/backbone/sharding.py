@@ -1,4 +1,5 @@
-"""FSDP2 (``fully_shard``) for Qwen2.5-VL, and one all-gather per ``generate`` call instead of one per token.
+"""FSDP2 (``fully_shard``) for Qwen2.5-VL: one all-gather per ``generate`` call instead of one per token,
+and the full weights gathered back into a plain model for export.
 
 Sharding unit: each language-model decoder layer and each vision block, then the root (embeddings,
 lm_head, norms, the vision patch embedding and merger). Non-root units reshard after forward (the
@@ -13,6 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
+from peft import PeftModel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
@@ -73,3 +77,54 @@ def gathered_for_generation(model: torch.nn.Module) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(id(unit) in nested, recurse=False)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights of a sharded ``model`` on CPU, on global rank 0; ``{}`` on the other ranks.
+
+    A collective (every rank calls it). Gathering to rank 0's CPU only keeps GPU memory at one unit's
+    worth and spares the other ranks a full copy they would not use.
+    """
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gather_unsharded(
+    model: PreTrainedModel | PeftModel, root: torch.nn.Module | None = None, prefix: str = ""
+) -> PreTrainedModel | PeftModel | None:
+    """A plain, unsharded CPU copy of a sharded ``model`` on global rank 0; ``None`` on the others.
+
+    A collective. ``root`` is the module the sharding was applied to, with ``prefix`` the name of
+    ``model`` inside it: FSDP2 shards ``model`` itself (the default), Lightning's FSDP1 wraps the
+    whole LightningModule (pass the strategy's model and ``"backbone.model."``). The copy is built
+    on the meta device from the model's config (and its active LoRA adapter), then takes the
+    gathered weights by assignment: rank 0 holds one full copy in CPU memory and no randomly
+    initialised one. Non-persistent buffers (rotary frequencies) are not in a state dict and FSDP
+    never shards buffers, so they are copied from the live model.
+    """
+    state = full_state_dict(model if root is None else root)
+    if dist.get_rank() != 0:
+        return None
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    peft = isinstance(model, PeftModel)
+    inner = model.get_base_model() if peft else model
+    plain_class = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclassed it
+    with torch.device("meta"):
+        copy: PreTrainedModel | PeftModel = plain_class(inner.config)
+        if peft:
+            adapter = model.active_adapter
+            copy = PeftModel(copy, model.peft_config[adapter], adapter_name=adapter)
+    copy.load_state_dict(state, assign=True)
+    live_buffers = {_without_wrappers(name): buffer for name, buffer in model.named_buffers()}
+    for name, buffer in list(copy.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(leaf, live_buffers[name].detach().cpu().clone(), persistent=False)
+    plain = copy.get_base_model() if peft else copy
+    plain.tie_weights()
+    plain.generation_config = inner.generation_config
+    return copy.eval()
+
+
+def _without_wrappers(name: str) -> str:
+    """A parameter/buffer name without the FSDP1 and activation-checkpointing wrapper segments."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")

@@ -108,10 +108,36 @@ _TEMPLATES = (
 )
 
 
+# Sentences in the style of the project's prompt and of the built-in synthetic set's questions and
+# explanations, repeated so BPE merges whole words: every token saved there shortens every sequence
+# the embedded demo trains on.
+_DOMAIN_TEXT = (
+    "Study the image and reason step by step between <think> and </think>: describe what you see "
+    "and rule out the options that do not fit. Then write your final choice between <answer> and "
+    "</answer> as the option letter, a closing parenthesis and the option text, "
+    "like <answer>X) text of option X</answer>.",
+    "Which description best fits this tissue? How large are the nuclei in this tile? What is the "
+    "nuclear density of this tissue? Which staining pattern does this tissue tile show?",
+    "benign-appearing hyperplastic atypical high-grade small medium large very large sparse moderate "
+    "dense very dense H&E IHC, DAB-negative IHC, partly DAB-positive IHC, mostly DAB-positive",
+    "The nuclei are large, so enlarged, and dense, so crowded. Enlarged and crowded nuclei suggest a "
+    "high-grade lesion, so the answer is high-grade. Nuclei that are neither enlarged nor crowded "
+    "look benign, so the answer is benign-appearing.",
+    "The nuclei are tiny dots about 5 pixels across. The nuclei are large ovals about 10 pixels "
+    "across. Nuclear size is graded small, medium, large or very large by diameter, so the answer is small.",
+    "About thirty nuclei crowd the tile. About ten nuclei lie with clear space between them. Density "
+    "is graded by how many nuclei fill the tile, so the answer is very dense.",
+    "The background is pale blue and every nucleus is blue, none brown. A blue counterstain without "
+    "brown DAB is a negative IHC stain, so the answer is IHC, DAB-negative. Pink eosin and purple "
+    "hematoxylin nuclei mean H&E.",
+)
+
+
 def _corpus() -> list[str]:
-    """A fixed training text: the prompt, the word list, and seeded template sentences."""
+    """A fixed training text: the prompt, domain sentences, the word list, seeded template sentences."""
     rng = random.Random(0)
     lines = [_PROMPT, " ".join(_WORDS), " ".join(w.capitalize() for w in _WORDS), "A) B) C) D) 0 1 2 3 4 5 6 7 8 9"]
+    lines += list(_DOMAIN_TEXT) * 200
     for _ in range(2000):
         template = rng.choice(_TEMPLATES)
         lines.append(template.format(**{k: rng.choice(_WORDS) for k in "abcde"}))

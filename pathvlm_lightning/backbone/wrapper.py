@@ -7,15 +7,17 @@ means later speedups (one vision pass and one prefill per group of G) land in on
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 
 from pathvlm_lightning.backbone import sharding
 from pathvlm_lightning.backbone.export import export_pretrained
@@ -24,6 +26,8 @@ from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
 from pathvlm_lightning.backbone.sequences import (
     completion_mask,
     expand_prompt_inputs,
+    expanded_image_order,
+    images_per_row,
     mm_token_types,
     pad_after_eos,
     replace_tokens,
@@ -45,6 +49,11 @@ class Backbone(torch.nn.Module):
             to train (quantised weights themselves take no gradient).
         gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
+        encode_images_once: the G completions of a prompt share its images, so ``generate`` and
+            ``token_logprobs`` run the vision tower once per prompt and reuse the features for all G
+            rows (G times less vision work; needs transformers' ``mm_encoder_outputs``, 5.x, and an
+            unsharded model for ``token_logprobs``; otherwise the images are encoded G times). The
+            results equal repeated encoding up to float rounding; ``False`` always repeats.
     """
 
     def __init__(
@@ -59,8 +68,10 @@ class Backbone(torch.nn.Module):
         gradient_checkpointing: bool = False,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        encode_images_once: bool = True,
     ) -> None:
         super().__init__()
+        self.encode_images_once = encode_images_once
         hf_model, self.processor = load_model_and_processor(
             model,
             seed=seed,
@@ -137,14 +148,19 @@ class Backbone(torch.nn.Module):
         first EOS is the pad id. Sampling is plain temperature/top-p over the full vocabulary: the
         checkpoint's own sampling defaults (Qwen ships top_k=1, repetition_penalty 1.05) are ignored
         so that the sampling distribution is the one ``token_logprobs`` scores. Vision ids are
-        suppressed. Runs in eval mode without gradient; the previous mode is restored.
+        suppressed. Runs in eval mode without gradient; the previous mode is restored. With
+        ``encode_images_once`` the B prompts go in once: transformers repeats each of them after
+        encoding its images (``num_return_sequences``; one encoding per image in 5.x), and greedy
+        decoding, whose G copies are identical, decodes each prompt once and copies the result.
         """
         hf_model = self.hf_model
-        expanded = self._expand(prompt_inputs, num_generations)
+        fan_out = num_generations if self.encode_images_once else 1  # copies made after the prompt goes in
+        inputs = self._expand(prompt_inputs, num_generations // fan_out)  # [B or B*G, P]
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
+            num_return_sequences=fan_out if do_sample else 1,
             do_sample=do_sample,
             eos_token_id=list(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
@@ -161,11 +177,13 @@ class Backbone(torch.nn.Module):
                 eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
             )
             with torch.no_grad(), self.gathered_for_generation():
-                sequences = hf_model.generate(**expanded, generation_config=config)  # [B*G, P + L]
+                sequences = hf_model.generate(**inputs, generation_config=config)  # [B*G, P + L]
         finally:
             hf_model.generation_config = saved_config
             self.model.train(was_training)
-        completion = sequences[:, expanded["input_ids"].shape[1] :]  # [B*G, L]
+        completion = sequences[:, inputs["input_ids"].shape[1] :]  # [B*G, L] (greedy: [B or B*G, L])
+        if not do_sample:
+            completion = completion.repeat_interleave(fan_out, dim=0)  # [B*G, L]
         return pad_after_eos(completion, self.eos_token_ids, self.pad_token_id)
 
     def completion_mask(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +204,10 @@ class Backbone(torch.nn.Module):
         positions get vocabulary logits (``logits_to_keep``). Vision ids in the completion are fed
         as pad so they are not read as image slots; their log-probs are still those of the given ids.
         Positions after the first EOS are masked from attention and their values are meaningless.
-        Runs in whatever mode the module is in (dropout included).
+        Runs in whatever mode the module is in (dropout included). With ``encode_images_once`` each
+        prompt's images go through the vision tower once (gradients, if any, add up over the G rows).
         """
-        expanded = self._expand(prompt_inputs, num_generations)
+        expanded = self._expand(prompt_inputs, num_generations, share_image_features=True)
         prompt_ids = expanded["input_ids"]  # [B*G, P]
         if completion_ids.shape[0] != prompt_ids.shape[0]:
             raise ValueError(
@@ -206,6 +225,7 @@ class Backbone(torch.nn.Module):
             mm_token_type_ids=self._token_types(input_ids),
             pixel_values=expanded.get("pixel_values"),
             image_grid_thw=expanded.get("image_grid_thw"),
+            **({"mm_encoder_outputs": expanded["mm_encoder_outputs"]} if "mm_encoder_outputs" in expanded else {}),
             logits_to_keep=length + 1,
             use_cache=False,
         )
@@ -253,17 +273,38 @@ class Backbone(torch.nn.Module):
         config = self.hf_model.config
         return mm_token_types(input_ids, config.image_token_id, config.video_token_id)
 
-    def _expand(self, prompt_inputs: Mapping[str, torch.Tensor], num_generations: int) -> dict[str, torch.Tensor]:
-        """Prompt inputs on the model's device, with token types, repeated G times per prompt."""
+    def _expand(
+        self, prompt_inputs: Mapping[str, torch.Tensor], num_generations: int, share_image_features: bool = False
+    ) -> dict[str, Any]:
+        """Prompt inputs on the model's device, with token types, repeated G times per prompt.
+
+        With ``share_image_features`` (and :meth:`_can_share_image_features`) the pixels are replaced
+        by ``mm_encoder_outputs``: each image encoded once, its features listed once per expanded row.
+        """
+        config = self.hf_model.config
         device = next(self.hf_model.parameters()).device
         inputs = {k: v.to(device) for k, v in prompt_inputs.items() if isinstance(v, torch.Tensor)}
         inputs["mm_token_type_ids"] = self._token_types(inputs["input_ids"])
-        return expand_prompt_inputs(
-            inputs,
-            num_generations,
-            image_token_id=self.hf_model.config.image_token_id,
-            merge_size=self.hf_model.config.vision_config.spatial_merge_size,
+        merge_size = config.vision_config.spatial_merge_size
+        pixels = inputs.get("pixel_values")
+        if pixels is None or not (share_image_features and self._can_share_image_features()):
+            return expand_prompt_inputs(inputs, num_generations, image_token_id=config.image_token_id, merge_size=merge_size)
+        del inputs["pixel_values"]
+        grid = inputs["image_grid_thw"]  # [N, 3]
+        expanded: dict[str, Any] = expand_prompt_inputs(
+            inputs, num_generations, image_token_id=config.image_token_id, merge_size=merge_size
         )
+        features = self.hf_model.get_image_features(pixels, grid, return_dict=True).pooler_output  # N x [tokens, H]
+        counts = images_per_row(inputs["input_ids"], grid, config.image_token_id, merge_size)
+        shared = [features[i] for i in expanded_image_order(counts, num_generations)]  # N*G x [tokens, H]
+        expanded["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=shared)}
+        return expanded
+
+    def _can_share_image_features(self) -> bool:
+        """Precomputed image features are accepted (transformers 5.x) and the vision tower is not sharded:
+        under FSDP2 it must run inside the model's root forward."""
+        accepts = "mm_encoder_outputs" in inspect.signature(self.hf_model.forward).parameters
+        return self.encode_images_once and accepts and not sharding.fsdp_units(self.model)
 
 
 def _enable_checkpointing(model: Qwen2_5_VLForConditionalGeneration) -> None:

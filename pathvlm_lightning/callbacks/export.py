@@ -6,13 +6,19 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from typing_extensions import override
+
+from pathvlm_lightning.backbone.export import export_pretrained
+from pathvlm_lightning.backbone.sharding import fsdp_units, gather_unsharded
 
 
 class ExportCallback(Callback):
     """At the end of ``fit`` export the backbone (LoRA merged, processor included) to ``dirpath``.
 
-    The next stage of a pipeline points its ``backbone.model`` at this folder.
+    The next stage of a pipeline points its ``backbone.model`` at this folder. Replicated weights
+    (one process, DDP) are written by rank 0. A sharded model (FSDP2, or Lightning's FSDP1
+    strategy) is first gathered by all ranks into a plain copy on rank 0's CPU, which rank 0 writes.
     """
 
     def __init__(self, dirpath: str) -> None:
@@ -24,9 +30,14 @@ class ExportCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:
             return
-        # Replicated weights (one process, DDP): rank 0 writes. An FSDP2-sharded model refuses to
-        # export in Backbone.export with a message saying so.
+        backbone = pl_module.backbone
+        if fsdp_units(backbone.model) or isinstance(trainer.strategy, FSDPStrategy):
+            # Every rank takes part in the gather; FSDP1 wraps the whole module, hence the root.
+            plain = gather_unsharded(backbone.model, root=trainer.strategy.model, prefix="backbone.model.")
+            if plain is not None:
+                export_pretrained(plain, backbone.processor, Path(self.dirpath))
+        elif trainer.is_global_zero:
+            backbone.export(Path(self.dirpath))
         if trainer.is_global_zero:
-            pl_module.backbone.export(Path(self.dirpath))
             pl_module.print(f"exported the model to {self.dirpath}")
         trainer.strategy.barrier("export")

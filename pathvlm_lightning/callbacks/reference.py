@@ -7,8 +7,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from typing_extensions import override
 
+from pathvlm_lightning.backbone.sharding import fsdp_units, full_state_dict
 from pathvlm_lightning.grpo.rollout import Rollout
 
 
@@ -18,7 +21,9 @@ class ReferenceModelCallback(Callback):
     With LoRA the reference is the same weights with the adapters disabled: no second copy in memory.
     With full fine-tuning a frozen copy of the policy is built in ``setup`` (the policy's weights at
     that point are the stage's starting point, also on resume, since the module is rebuilt from the
-    same checkpoint folder before the training state is restored).
+    same checkpoint folder before the training state is restored). Under FSDP2
+    (``ModelParallelStrategy``) the copy is sharded over the same mesh as the policy, so each rank
+    holds 1/N of it and the sync mixes matching shards locally.
 
     Args:
         sync_every_n_steps: if set, every N optimizer steps the reference moves towards the policy:
@@ -56,6 +61,12 @@ class ReferenceModelCallback(Callback):
             return
         if self._reference is None:
             self._reference = backbone.build_frozen_copy()
+            if isinstance(trainer.strategy, ModelParallelStrategy):
+                self._reference.apply_fully_shard(trainer.strategy.device_mesh["data_parallel"])
+                # Never in backward, so the root must reshard after its forward too: a root left
+                # gathered would hold a full copy and miss the syncs, which update the shards.
+                for unit in fsdp_units(self._reference):
+                    unit.set_reshard_after_forward(True, recurse=False)
 
     @torch.no_grad()
     def reference_logprobs(self, pl_module: Any, rollout: Rollout) -> torch.Tensor:
@@ -65,7 +76,8 @@ class ReferenceModelCallback(Callback):
         if self._reference is None:
             with backbone.adapters_disabled():
                 return backbone.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
-        self._reference.to(pl_module.device)
+        if not self._sharded:  # FSDP2 placed the shards on the mesh's device already
+            self._reference.to(pl_module.device)
         return self._reference.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
 
     @override
@@ -82,14 +94,25 @@ class ReferenceModelCallback(Callback):
             ref_param.lerp_(policy_params[name].detach().to(ref_param.dtype), self.sync_mix)
         self._synced = True
 
+    @property
+    def _sharded(self) -> bool:
+        return self._reference is not None and bool(fsdp_units(self._reference))
+
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Full (unsharded) weights once synced; when sharded, every rank gathers and rank 0 gets them."""
         if self._reference is None or not self._synced:
             return {"synced": False}
+        if self._sharded:
+            return {"synced": True, "reference": full_state_dict(self._reference)}
         return {"synced": True, "reference": {k: v.cpu() for k, v in self._reference.state_dict().items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("synced") and self._reference is not None:
-            self._reference.load_state_dict(state_dict["reference"])
+            if self._sharded:  # every rank reads the full weights and keeps its shards
+                full = dict(state_dict["reference"])  # set_model_state_dict swaps shards into the dict it gets
+                set_model_state_dict(self._reference, full, options=StateDictOptions(full_state_dict=True))
+            else:
+                self._reference.load_state_dict(state_dict["reference"])
             self._synced = True

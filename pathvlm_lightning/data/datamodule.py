@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from pathvlm_lightning.data.collate import PromptCollator, SFTCollator
 from pathvlm_lightning.data.loaders import RECORD_STYLES, FieldMap, load_records
 from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.data.resumable import ResumableDataLoader
 from pathvlm_lightning.data.splits import (
     DEFAULT_SPLIT_SIZES,
     SplitManifest,
@@ -211,10 +212,14 @@ class VQADataModule(LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"split {split!r} is not loaded: call setup() for the stage that uses it first")
         dataset = self.datasets[split]
-        return DataLoader(
+        loader_class = ResumableDataLoader if shuffle else DataLoader  # training resumes mid-epoch
+        return loader_class(
             dataset,
             batch_size=batch_size,
             sampler=EpochSeededSampler(dataset, self.hparams.seed) if shuffle else None,
+            # Its own generator: starting an epoch never draws from the global RNG, whose state
+            # RolloutCallback checkpoints, so a resumed run samples the completions the original did.
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             collate_fn=self._split_batch_collator(split, kind),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

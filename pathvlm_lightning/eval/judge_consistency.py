@@ -4,10 +4,11 @@
         [--records test.jsonl] [--judge.model gpt-4o] [--judge.base_url URL] [--output rho.json]
 
 Each line of ``--predictions`` holds a record's fields (``id``, ``question``, ``options``,
-``answer``, ``image``) and the ``completion``; ``--records`` (e.g. the split's ``test.jsonl``)
-supplies fields a line lacks, looked up by ``id`` (the evaluation's ``predictions_*.jsonl`` carry
-no image path). A relative image path is tried from the working directory, then from the file's
-folder. The cache is always off here, or every repeat would return the first one's scores.
+``answer``, ``image``) and the ``completion``, as the evaluation's ``predictions_*.jsonl`` do, so
+they are read directly. ``--records`` (e.g. the split's ``test.jsonl``) supplies fields a line
+lacks, looked up by ``id`` (for files written by hand or before predictions carried the image).
+A relative image path is tried from the working directory, then from the file's folder. The
+cache is always off here, or every repeat would return the first one's scores.
 
 Reports Spearman's rho between the rewards of every pair of repeats and their mean (the paper:
 0.785-0.814 over 500 chains and three runs).

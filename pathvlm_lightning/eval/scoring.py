@@ -21,6 +21,7 @@ class Prediction:
     """One record answered by the model, as written to ``predictions_*.jsonl``."""
 
     id: str
+    image: str  # the record's image path, so a judge can re-read it from this file alone
     subset: str
     modality: str
     question: str
@@ -45,6 +46,7 @@ def score_prediction(
     correct = accuracy_reward(completion, record.answer, record.options, letter_only=letter_only) == 1.0
     return Prediction(
         id=record.id,
+        image=record.image,
         subset=record.subset,
         modality=record.modality,
         question=record.question,

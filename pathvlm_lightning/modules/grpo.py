@@ -31,7 +31,8 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     Args:
         backbone: the policy (starts from the SFT stage's exported folder).
         optimizer / scheduler: injected factories; the scheduler steps once per optimizer step.
-        loss_type: ``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo`` (see ``grpo/loss.py``).
+        loss_type: ``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo`` (see ``grpo/loss.py``); dapo divides by
+            the step's valid-token count summed over all data-parallel ranks.
         beta: k3 KL coefficient; 0 computes no reference log-probs at all.
         epsilon_low / epsilon_high: clip range of the ratio.
         scale_rewards: advantage scaling, ``group`` (std of the group), ``batch`` or ``none``.
@@ -112,6 +113,8 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
 
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
+        dapo = self.hparams.loss_type == "dapo"
+        num_tokens = self._dapo_num_tokens(train_rollout.completion_mask) if dapo else None
         for iteration in range(self.hparams.num_iterations):
             logprobs = self.backbone.token_logprobs(
                 train_rollout.prompt_inputs,
@@ -125,6 +128,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                 train_rollout.completion_mask,
                 old_logprobs=train_rollout.old_logprobs,
                 ref_logprobs=train_rollout.ref_logprobs,
+                num_tokens=num_tokens,
             )
             if iteration == 0 and self.hparams.num_iterations > 1:
                 train_rollout.old_logprobs = logprobs.detach()
@@ -139,6 +143,16 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             if scheduler is not None:
                 scheduler.step()
             self._log_loss(loss, stats)
+
+    def _dapo_num_tokens(self, mask: torch.Tensor) -> float:
+        """dapo's normaliser: valid tokens of this step on all ranks / world size (a collective).
+
+        Data-parallel gradients are averaged over ranks, so dividing each rank's token sum by this
+        makes the step's gradient the mean over every token of the global batch, as on one process.
+        """
+        local = mask.sum().to(device=self.device, dtype=torch.float32)  # valid tokens on this rank
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        return float(total) / self.trainer.world_size
 
     # ---- logging --------------------------------------------------------------------------------
     def _log_rollout(self, rollout: Rollout, total: torch.Tensor, zero_var: torch.Tensor, trained: Rollout) -> None:

@@ -89,7 +89,11 @@ class JudgeClient:
         return asyncio.run(self.score_many(items))
 
     async def score_many(self, items: list[JudgeItem]) -> list[JudgeResult]:
-        """One result per item, in order; at most ``config.concurrency`` requests in flight."""
+        """One result per item, in order; at most ``config.concurrency`` requests in flight.
+
+        Identical completions of one batch (same image, question and text: common once a policy
+        has converged) are judged once; each repeat shares that result (as a cache hit, or as the
+        same fallback) with no requests or tokens of its own, so the counters add up to what was sent."""
         env_name = self.config.api_key_env
         if not os.environ.get(env_name):
             log.error("judge: environment variable %s is no longer set: fallback scores (counted as http_status)",
@@ -100,12 +104,18 @@ class JudgeClient:
             return os.environ.get(env_name, "")
 
         images: dict[str, tuple[str, str]] = {}
+        keys = [self._key(item, images) for item in items]
+        first: dict[str, int] = {}  # key -> index of its first item, in item order
+        for index, key in enumerate(keys):
+            first.setdefault(key, index)
         semaphore = asyncio.Semaphore(self.config.concurrency)
         async with openai.AsyncOpenAI(
             api_key=read_key, base_url=self.config.base_url, timeout=self.config.timeout, max_retries=0
         ) as api:
-            tasks = [self._score_one(api, semaphore, item, images) for item in items]
-            return list(await asyncio.gather(*tasks))
+            tasks = [self._score_one(api, semaphore, items[i], key, images[items[i].record.image][1])
+                     for key, i in first.items()]
+            judged = dict(zip(first, await asyncio.gather(*tasks)))
+        return [judged[key] if first[key] == i else _repeat(judged[key]) for i, key in enumerate(keys)]
 
     def close(self) -> None:
         if self.cache is not None:
@@ -133,17 +143,20 @@ class JudgeClient:
             kwargs["response_format"] = {"type": "json_object"}
         return kwargs
 
-    async def _score_one(
-        self, api: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, item: JudgeItem, images: dict
-    ) -> JudgeResult:
-        image_sha, image_url = self._image(item, images)
-        key = cache_key(
+    def _key(self, item: JudgeItem, images: dict[str, tuple[str, str]]) -> str:
+        """The cache key of ``item``: everything that decides the judge's answer."""
+        image_sha, _ = self._image(item, images)
+        return cache_key(
             self.config.model,
             RUBRIC_VERSION,
             image_sha,
             f"{question_block(item.record)}\n{item.record.reference}",
             item.completion,
         )
+
+    async def _score_one(
+        self, api: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, item: JudgeItem, key: str, image_url: str
+    ) -> JudgeResult:
         if self.cache is not None and (cached := self.cache.get(key)) is not None:
             return JudgeResult(cached, "cache")
         kwargs = self._request_kwargs(item, image_url)
@@ -219,3 +232,9 @@ class JudgeClient:
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, base * 2**attempt], capped by ``backoff_max``."""
         return self._rng.uniform(0.0, min(self.config.backoff_max, self.config.backoff_base * 2**attempt))
+
+
+def _repeat(result: JudgeResult) -> JudgeResult:
+    """What a repeat of an already judged completion gets: the same scores, nothing spent."""
+    source = "fallback" if result.source == "fallback" else "cache"
+    return JudgeResult(result.scores, source, result.fault)

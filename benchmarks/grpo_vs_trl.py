@@ -1,0 +1,229 @@
+"""One GRPO training step, ours vs TRL's ``GRPOTrainer``, side by side on the same model and data.
+
+    pip install -e ".[bench]"          # TRL; best in a separate venv (see benchmarks/README.md)
+    python benchmarks/grpo_vs_trl.py --model both --steps 5 --warmup 2 --threads 2 --output grpo_vs_trl.json
+
+Both sides start from one saved Qwen2.5-VL folder (embedded tiny or small architecture, fp32), train on
+the same records (448x448 images: 256 image tokens each) in the same order, with G completions per
+prompt forced to the same length, the same loss type, beta, clip range, learning rate and rule
+rewards. Each side runs in its own child process (so its peak RSS is its own); the parent lets them
+step in lockstep, one side at a time, alternating which goes first. Printed per model: median
+seconds per optimizer step, completions per second, peak RSS during the steps, and ours/TRL ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+
+from _settings import BenchSettings, read_records, write_records
+from pathvlm_lightning.backbone import build_tiny_model, build_tiny_processor
+from pathvlm_lightning.data.synthetic import generate_dataset
+
+HERE = Path(__file__).resolve().parent
+SIDES = {"ours": HERE / "_our_step.py", "trl": HERE / "_trl_step.py"}
+SIZES = ("tiny", "small")
+
+
+# ---------------------------------------------------------------------------- preparation
+def save_model(size: str, folder: Path, seed: int) -> Path:
+    """The embedded architecture with seeded random weights, saved once so both sides load the same bytes."""
+    processor = build_tiny_processor()
+    model = build_tiny_model(processor, size, seed=seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_records(folder: Path, count: int, image_size: int, seed: int) -> Path:
+    """``count`` synthetic tile questions whose 112x112 tiles are upscaled to ``image_size`` squares."""
+    source = generate_dataset(folder / "tiles", count, seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for record in read_records(source)[:count]:
+        with Image.open(source.parent / record.image) as tile:
+            big = tile.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+        path = folder / "images" / f"{record.id}.png"
+        big.save(path)
+        records.append(dataclasses.replace(record, image=str(path)))
+    path = folder / "records.jsonl"
+    write_records(records, path)
+    return path
+
+
+# ---------------------------------------------------------------------------- the lockstep run
+@dataclasses.dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen
+    reports: IO[str]
+    log: Path
+
+    def expect(self, event: str) -> dict[str, Any]:
+        line = self.reports.readline()
+        if not line:
+            self.process.wait()
+            tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+            raise RuntimeError(f"{self.name} child exited (code {self.process.returncode}) before '{event}'; "
+                               f"last lines of {self.log}:\n{tail}")
+        message = json.loads(line)
+        if message["event"] != event:
+            raise RuntimeError(f"{self.name} child sent {message!r}, expected a '{event}' report")
+        return message
+
+    def go(self) -> dict[str, Any]:
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        return self.expect("step")
+
+
+def _start(name: str, settings_path: Path, log: Path, env: dict[str, str]) -> _Child:
+    read_fd, write_fd = os.pipe()
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, str(SIDES[name]), "--settings", str(settings_path), "--report-fd", str(write_fd)],
+            stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+            env=env, text=True, cwd=HERE,
+        )
+    os.close(write_fd)
+    return _Child(name, process, os.fdopen(read_fd), log)
+
+
+def run_lockstep(settings: BenchSettings, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Both children loaded, then step k of each side run alone, ours first on even k, TRL first on odd k."""
+    settings_path = workdir / "settings.json"
+    settings.save(settings_path)
+    threads = str(settings.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    children = [_start(name, settings_path, workdir / f"{name}.log", env) for name in SIDES]
+    try:
+        results = {child.name: {"ready": child.expect("ready"), "seconds": []} for child in children}
+        for step in range(settings.total_steps):
+            for child in children if step % 2 == 0 else children[::-1]:
+                results[child.name]["seconds"].append(child.go()["seconds"])
+        for child in children:
+            results[child.name]["done"] = child.expect("done")
+            if child.process.wait() != 0:
+                raise RuntimeError(f"{child.name} child failed with code {child.process.returncode}; see {child.log}")
+    finally:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.kill()
+                child.process.wait()
+    return results
+
+
+def summarize(raw: dict[str, dict[str, Any]], settings: BenchSettings, warmup: int) -> dict[str, Any]:
+    sides = {}
+    for name, result in raw.items():
+        measured = result["seconds"][warmup:]
+        median = statistics.median(measured)
+        done = result["done"]
+        sides[name] = {
+            "seconds_per_step": median,
+            "seconds_min": min(measured),
+            "seconds_max": max(measured),
+            "completions_per_second": settings.completions_per_step / median,
+            "peak_rss_mib": done["peak_rss_mib"],
+            "peak_growth_mib": done["peak_growth_mib"],
+            "rss_before_steps_mib": result["ready"]["rss_mib"],
+            "process_max_rss_mib": done["process_max_rss_mib"],
+            "parameters": result["ready"]["parameters"],
+            "trainable_parameters": result["ready"]["trainable"],
+            "completion_length_mean": done["completion_length_mean"],
+            "step_seconds_all": result["seconds"],
+        }
+        if "prompt_tokens" in done:
+            sides[name]["prompt_tokens"] = done["prompt_tokens"]
+    ours, trl = sides["ours"], sides["trl"]
+    ratios = {key: ours[key] / trl[key] for key in ("seconds_per_step", "completions_per_second", "peak_rss_mib",
+                                                     "peak_growth_mib")}
+    return {"sides": sides, "ratios_ours_over_trl": ratios}
+
+
+def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup: int, steps: int) -> str:
+    ours, trl, ratio = summary["sides"]["ours"], summary["sides"]["trl"], summary["ratios_ours_over_trl"]
+    rows = [
+        ("s/step (median)", "seconds_per_step", "{:.3f}"),
+        ("completions/s", "completions_per_second", "{:.2f}"),
+        ("peak RSS in steps, MiB", "peak_rss_mib", "{:.0f}"),
+        ("peak growth in steps, MiB", "peak_growth_mib", "{:.0f}"),
+    ]
+    head = (f"model {model} ({ours['parameters'] / 1e6:.2f} M params, {ours['trainable_parameters'] / 1e6:.2f} M "
+            f"trained), fp32, G={settings.num_generations}, {settings.prompts_per_step} prompts x "
+            f"{settings.num_generations} completions, {settings.completion_length} completion tokens "
+            f"(mean seen: ours {ours['completion_length_mean']:.0f}, TRL {trl['completion_length_mean']:.0f}), "
+            f"prompt {ours.get('prompt_tokens', '?')} tokens, beta {settings.beta}, loss {settings.loss_type}, "
+            f"{settings.threads} threads, median of {steps} steps after {warmup} warmup")
+    lines = [head, f"{'':28}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}"]
+    for label, key, fmt in rows:
+        lines.append(f"{label:28}{fmt.format(ours[key]):>10}{fmt.format(trl[key]):>10}{ratio[key]:>10.2f}")
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    versions = {pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers", "trl", "lightning")}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=(*SIZES, "both"), default="both")
+    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per side")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per side before them")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    parser.add_argument("--image-size", type=int, default=448, help="square image side (448: 256 image tokens)")
+    parser.add_argument("--completion-length", type=int, default=64, help="forced completion tokens")
+    parser.add_argument("--plain-images", action="store_true",
+                        help="our side encodes each image G times (Backbone(encode_images_once=False)), like TRL")
+    parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error(f"need --steps >= 1, --warmup >= 0, --threads >= 1; got {args.steps}, {args.warmup}, {args.threads}")
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit(f"{sys.executable} cannot import trl: install the bench extra (pip install -e '.[bench]')")
+    report: dict[str, Any] = {"machine": _machine(), "models": {}}
+    sizes = SIZES if args.model == "both" else (args.model,)
+    with tempfile.TemporaryDirectory(prefix="grpo_vs_trl.") as tmp:
+        for size in sizes:
+            workdir = Path(tmp) / size
+            workdir.mkdir()
+            total = args.warmup + args.steps
+            settings = BenchSettings(
+                model_dir=str(save_model(size, workdir / "model", seed=0)),
+                records_path=str(make_records(workdir / "data", 2 * total, args.image_size, seed=0)),
+                total_steps=total,
+                threads=args.threads,
+                completion_length=args.completion_length,
+                encode_images_once=not args.plain_images,
+            )
+            summary = summarize(run_lockstep(settings, workdir), settings, args.warmup)
+            print(render(size, summary, settings, args.warmup, args.steps), flush=True)
+            print(flush=True)
+            report["models"][size] = {"settings": dataclasses.asdict(settings), **summary}
+    if args.output is not None:
+        args.output.write_text(json.dumps(report, indent=2))
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
+          f"{', '.join(f'{k} {v}' for k, v in report['machine']['versions'].items())}; {report['machine']['date']}")
+
+
+if __name__ == "__main__":
+    main()

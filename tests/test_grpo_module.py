@@ -1,0 +1,318 @@
+"""GRPOModule end to end on the tiny model: short fits through the real chain of callbacks.
+
+Rewards here are test stand-ins with guaranteed spread (a random tiny model never earns the paper's
+format or accuracy reward, so those alone would give all-zero advantages and teach nothing).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pathvlm_lightning.backbone import Backbone, LoraOptions
+from pathvlm_lightning.callbacks import FormatReward, ReferenceModelCallback, RewardCallback, RolloutCallback
+from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.modules import GRPOModule
+from tests.fit_support import MemoryLogger, make_datamodule, parameters, tensorboard_events, trainer_kwargs
+
+G = 4  # completions per prompt; batches hold 2 prompts -> 8 completions
+
+
+class LengthReward(RewardCallback):
+    """A tenth of the completion's character count: differs between random completions."""
+
+    default_name = "length"
+
+    def score_text(self, completion: str, record: VQARecord) -> float:
+        return len(completion) / 10
+
+
+class FirstGroupReward(RewardCallback):
+    """0, 1, 2, 3 for the completions of the first prompt at step 0; 0 everywhere else.
+
+    So step 0 has one group with spread and one without, and step 1 has no spread at all.
+    """
+
+    default_name = "first_group"
+
+    def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
+        scores = torch.zeros(rollout.num_completions)  # [B*G]
+        if pl_module.global_step == 0:
+            scores[: rollout.group_size] = torch.arange(rollout.group_size, dtype=torch.float32)
+        return scores
+
+
+class HalfAbstainingReward(RewardCallback):
+    """Abstains (NaN) on every odd completion, scores the length of the even ones."""
+
+    default_name = "half"
+
+    def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
+        scores = torch.tensor([len(t) / 10 for t in rollout.completion_texts])  # [B*G]
+        scores[1::2] = math.nan
+        return scores
+
+
+class CountingReference(ReferenceModelCallback):
+    """Counts how often the module asked for reference log-probs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def reference_logprobs(self, pl_module: Any, rollout: Rollout) -> torch.Tensor:
+        self.calls += 1
+        return super().reference_logprobs(pl_module, rollout)
+
+
+class LossCalls(pl.Callback):
+    """Records every call of the module's loss: old log-probs given, new log-probs, ratio mean."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.batches = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: GRPOModule) -> None:
+        forward = pl_module.loss_fn.forward
+
+        def recording(logprobs, advantages, mask, **kwargs):
+            loss, stats = forward(logprobs, advantages, mask, **kwargs)
+            old = kwargs.get("old_logprobs")
+            self.calls.append(
+                dict(old=None if old is None else old.clone(), new=logprobs.detach().clone(), mask=mask.bool(),
+                     ratio_mean=float(stats.ratio_mean))
+            )
+            return loss, stats
+
+        pl_module.loss_fn.forward = recording
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+
+def rollout_callback() -> RolloutCallback:
+    return RolloutCallback(num_generations=G, max_new_tokens=8)
+
+
+def grpo_fit(
+    root: Path,
+    callbacks: list[pl.Callback],
+    *,
+    max_steps: int = 2,
+    lora: LoraOptions | None = None,
+    tensorboard: bool = False,
+    **module_kwargs: Any,
+) -> tuple[GRPOModule, pl.Trainer, MemoryLogger, dict[str, torch.Tensor]]:
+    """Seeded tiny-model GRPO fit; returns the module, trainer, metric history and initial parameters."""
+    pl.seed_everything(0)
+    module_kwargs.setdefault("log_completions_every_n_steps", 0)
+    module = GRPOModule(
+        Backbone("embedded-tiny", seed=0, lora=lora),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        eval_max_new_tokens=8,
+        **module_kwargs,
+    )
+    before = parameters(module.backbone)
+    memory = MemoryLogger()
+    loggers = [TensorBoardLogger(save_dir=str(root), name="tb"), memory] if tensorboard else [memory]
+    trainer = pl.Trainer(**trainer_kwargs(root, max_steps=max_steps, logger=loggers, callbacks=callbacks))
+    trainer.fit(module, datamodule=make_datamodule(root, module.backbone.processor, "prompt"))
+    return module, trainer, memory, before
+
+
+def changed_names(module: GRPOModule, before: dict[str, torch.Tensor]) -> set[str]:
+    return {n for n, p in parameters(module.backbone).items() if not torch.equal(p, before[n])}
+
+
+def without_timing(history: list[tuple[int, dict[str, float]]]) -> list[tuple[int, dict[str, float]]]:
+    """The history minus wall-clock throughput, the one metric two identical runs may disagree on."""
+    return [(step, {k: v for k, v in m.items() if k != "rollout/tokens_per_s"}) for step, m in history]
+
+
+# ---- full fine-tuning with a frozen reference copy, TensorBoard on -------------------------------
+@dataclass
+class FullFit:
+    root: Path
+    module: GRPOModule
+    trainer: pl.Trainer
+    memory: MemoryLogger
+    before: dict[str, torch.Tensor]
+    reference: ReferenceModelCallback
+
+
+@pytest.fixture(scope="module")
+def full_fit(tmp_path_factory: pytest.TempPathFactory) -> FullFit:
+    root = tmp_path_factory.mktemp("grpo_full")
+    reference = ReferenceModelCallback()
+    callbacks = [rollout_callback(), LengthReward(), FormatReward(), reference]
+    module, trainer, memory, before = grpo_fit(
+        root, callbacks, tensorboard=True, beta=0.04, log_completions_every_n_steps=1
+    )
+    return FullFit(root, module, trainer, memory, before, reference)
+
+
+def test_fit_changes_the_policy_and_keeps_the_vision_tower_and_reference(full_fit: FullFit) -> None:
+    changed = changed_names(full_fit.module, full_fit.before)
+    language = {n for n in full_fit.before if n.startswith("model.model.language_model.")}
+    visual = {n for n in full_fit.before if n.startswith("model.model.visual.")}
+    assert full_fit.trainer.global_step == 2
+    assert language and language <= changed
+    assert visual and not visual & changed
+    # the frozen copy still holds the starting weights
+    reference = parameters(full_fit.reference._reference)
+    assert reference.keys() == full_fit.before.keys()
+    assert all(torch.equal(reference[n], full_fit.before[n]) for n in reference)
+    losses = [v for _, v in full_fit.memory.series("train/loss")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # step 0: policy == reference, so the k3 KL is exactly 0; step 1: the policy has moved
+    kl = [v for _, v in full_fit.memory.series("train/kl")]
+    assert kl[0] == 0.0 and kl[1] > 0.0
+
+
+def test_fit_logs_every_documented_metric(full_fit: FullFit) -> None:
+    expected = {
+        "reward/length",
+        "reward/format",
+        "reward/total_mean",
+        "reward/total_std",
+        "advantage/mean",
+        "advantage/std",
+        "advantage/abs_mean",
+        "train/loss",
+        "train/kl",
+        "train/policy_loss",
+        "train/clip_low_frac",
+        "train/clip_high_frac",
+        "completion/length_mean",
+        "completion/length_max",
+        "completion/truncated_frac",
+        "groups/zero_variance_frac",
+        "rollout/tokens_per_s",
+    }
+    keys = full_fit.memory.keys()
+    assert expected <= keys, sorted(expected - keys)
+    for _, metrics in full_fit.memory.history:
+        assert 1 <= metrics["completion/length_max"] <= 8  # max_new_tokens
+        assert 0.0 <= metrics["reward/format"] <= 1.0
+    events = tensorboard_events(full_fit.root / "tb")
+    assert "train/loss" in events.Tags()["scalars"]
+    texts = [t for t in events.Tags()["tensors"] if t.startswith("samples/completions")]
+    assert texts, events.Tags()["tensors"]
+    table = events.Tensors(texts[0])[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| id | reference | reward | completion |")
+    assert table.count("\n| ") == 4  # header rule excluded: the first 4 completions of the step
+
+
+def test_callback_order_does_not_change_the_run(full_fit: FullFit, tmp_path: Path) -> None:
+    reordered = [ReferenceModelCallback(), FormatReward(), LengthReward(), rollout_callback()]
+    module, _, memory, _ = grpo_fit(tmp_path, reordered, beta=0.04)
+    assert without_timing(memory.history) == without_timing(full_fit.memory.history)
+    after, expected = parameters(module.backbone), parameters(full_fit.module.backbone)
+    assert all(torch.equal(after[n], expected[n]) for n in expected)
+
+
+# ---- LoRA: the reference is the base model with adapters off ------------------------------------
+def test_lora_reference_is_the_base_model_without_a_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_copy(self: Backbone) -> Backbone:
+        raise AssertionError("a LoRA run must not build a frozen copy of the backbone")
+
+    monkeypatch.setattr(Backbone, "build_frozen_copy", no_copy)
+    reference = ReferenceModelCallback()
+    callbacks = [rollout_callback(), LengthReward(), reference]
+    module, trainer, memory, before = grpo_fit(tmp_path, callbacks, lora=LoraOptions(r=4), beta=0.04)
+    assert reference._reference is None and reference.uses_adapters
+    changed = changed_names(module, before)
+    assert changed and all("lora_" in n for n in changed)  # only adapters train; B moved off zero
+
+    base = Backbone("embedded-tiny", seed=0).eval()  # the same starting weights, no adapters
+    module.eval()
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    rollout = rollout_callback().generate(module, batch)
+    ref = reference.reference_logprobs(module, rollout)  # [B*G, L]
+    expected = base.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, num_generations=G)
+    policy = module.backbone.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, num_generations=G)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(ref[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    assert (policy[mask] - expected[mask]).abs().max() > 1e-4  # the trained adapters do change the policy
+    assert [v for _, v in memory.series("train/kl")][1] > 0.0
+
+
+# ---- beta 0: no reference at all ----------------------------------------------------------------
+def test_beta_zero_never_asks_for_reference_logprobs(tmp_path: Path) -> None:
+    reference = CountingReference()
+    _, trainer, memory, _ = grpo_fit(tmp_path, [rollout_callback(), LengthReward(), reference], beta=0.0)
+    assert trainer.global_step == 2
+    assert reference.calls == 0
+    assert reference._reference is None  # no frozen copy built in setup either
+    assert "train/kl" not in memory.keys()
+
+
+# ---- the chain is checked at the start of fit ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("callbacks", "beta", "message"),
+    [
+        ([LengthReward(), ReferenceModelCallback()], 0.04, "exactly one RolloutCallback"),
+        ([rollout_callback(), ReferenceModelCallback()], 0.04, "at least one reward callback"),
+        ([rollout_callback(), LengthReward()], 0.04, "beta > 0 needs a ReferenceModelCallback"),
+        ([rollout_callback(), LengthReward(), LengthReward()], 0.0, r"share the name\(s\) \['length'\]"),
+    ],
+    ids=["no-rollout", "no-reward", "no-reference", "duplicate-reward"],
+)
+def test_incomplete_chain_fails_before_the_first_step(
+    tmp_path: Path, callbacks: list[pl.Callback], beta: float, message: str
+) -> None:
+    started = LossCalls()
+    with pytest.raises(ValueError, match=message):
+        grpo_fit(tmp_path, [*callbacks, started], beta=beta)
+    assert started.calls == [] and started.batches == 0
+
+
+# ---- several optimizer steps per rollout --------------------------------------------------------
+def test_num_iterations_reuses_each_rollout_with_old_logprobs(tmp_path: Path) -> None:
+    calls = LossCalls()
+    _, trainer, memory, _ = grpo_fit(
+        tmp_path, [rollout_callback(), LengthReward(), calls], max_steps=4, beta=0.0, num_iterations=2
+    )
+    assert calls.batches == 2 and trainer.global_step == 4  # 2 optimizer steps per batch
+    assert len(calls.calls) == 4
+    for first, second in zip(calls.calls[::2], calls.calls[1::2]):
+        assert first["old"] is None and first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        # the second pass compares against the first pass's (pre-update) log-probs
+        torch.testing.assert_close(second["old"], first["new"])
+        mask = second["mask"]
+        ratio = torch.exp(second["new"] - second["old"])[mask]
+        assert (ratio - 1).abs().max() > 1e-4
+        assert second["ratio_mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
+
+
+# ---- dynamic sampling and abstaining rewards ----------------------------------------------------
+def test_drop_zero_variance_groups_trains_on_the_groups_with_spread(tmp_path: Path) -> None:
+    _, trainer, memory, _ = grpo_fit(
+        tmp_path, [rollout_callback(), FirstGroupReward()], beta=0.0, drop_zero_variance_groups=True
+    )
+    assert trainer.global_step == 2
+    (step0, step1) = [m for _, m in memory.history]
+    # step 0: group 1 of 2 has rewards 0,1,2,3, group 2 is all 0 -> half the groups are dropped
+    assert step0["groups/zero_variance_frac"] == 0.5 and step0["groups/trained_frac"] == 0.5
+    # step 1: every reward is 0 -> nothing to drop, the step trains on all with zero advantages
+    assert step1["groups/zero_variance_frac"] == 1.0 and step1["groups/trained_frac"] == 1.0
+    assert step1["advantage/abs_mean"] == 0.0
+    assert all(math.isfinite(m["train/loss"]) for m in (step0, step1))
+
+
+def test_abstaining_reward_gives_a_finite_loss(tmp_path: Path) -> None:
+    module, _, memory, before = grpo_fit(tmp_path, [rollout_callback(), HalfAbstainingReward()], beta=0.0)
+    losses = [v for _, v in memory.series("train/loss")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert all(math.isfinite(v) for _, v in memory.series("reward/total_mean"))
+    assert changed_names(module, before)  # the even completions still teach
+    assert all(torch.isfinite(p).all() for p in module.parameters())
