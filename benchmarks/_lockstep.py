@@ -8,7 +8,9 @@ alike and the two sides never compete with each other for the cores.
 
 A step's time runs from "go" to the end of the next optimizer step: everything either loop does in
 between (fetching and collating the batch, generation, rewards, reference pass, loss, backward,
-optimizer, logging) is counted.
+optimizer, logging) is counted. Both wall time and the process's CPU time (all its threads) are
+reported: on a machine shared with other work the wall time swings with their load, the CPU time
+much less.
 
 Messages to the parent are JSON lines on the file descriptor the parent passed; "go" arrives on stdin.
 """
@@ -51,6 +53,7 @@ class StepGate:
         self._total = total_steps
         self._done = 0
         self._started = 0.0
+        self._started_cpu = 0.0
         self._rss_at_start_kib = 0
 
     def ready(self, info: dict[str, Any]) -> None:
@@ -63,8 +66,9 @@ class StepGate:
     def step_done(self) -> None:
         """Call at the end of every optimizer step."""
         seconds = time.perf_counter() - self._started
+        cpu_seconds = time.process_time() - self._started_cpu
         self._done += 1
-        self._send(event="step", index=self._done, seconds=seconds)
+        self._send(event="step", index=self._done, seconds=seconds, cpu_seconds=cpu_seconds)
         if self._done < self._total:
             self._wait_for_go()
 
@@ -89,3 +93,4 @@ class StepGate:
         if line.strip() != "go":
             raise SystemExit(f"lockstep: expected 'go' from the parent, got {line!r}")
         self._started = time.perf_counter()
+        self._started_cpu = time.process_time()

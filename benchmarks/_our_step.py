@@ -49,7 +49,7 @@ def main() -> None:
     settings, report_fd = child_start("our GRPO step (benchmark child)")
     gate = StepGate(report_fd, settings.total_steps)
     backbone = Backbone(
-        model=settings.model_dir, dtype="float32", freeze_vision=True, encode_images_once=settings.encode_images_once
+        model=settings.model_dir, dtype="float32", freeze_vision=True, share_prompts=settings.share_prompts
     )
     module = GRPOModule(
         backbone,

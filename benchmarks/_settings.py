@@ -37,7 +37,7 @@ class BenchSettings:
     learning_rate: float = 1e-5
     max_grad_norm: float = 1.0
     seed: int = 0
-    encode_images_once: bool = True  # our Backbone's default; False measures the repeated encoding
+    share_prompts: bool = True  # our Backbone's default; False runs G copies of each prompt, as TRL does
 
     @property
     def completions_per_step(self) -> int:

@@ -108,14 +108,20 @@ def run_lockstep(settings: BenchSettings, workdir: Path) -> dict[str, dict[str, 
     settings_path = workdir / "settings.json"
     settings.save(settings_path)
     threads = str(settings.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+    # Passive OpenMP waiting: on a machine with more runnable threads than cores, spinning workers wait on
+    # descheduled peers and a step can take 10-20x longer (seen on a shared 2-core machine). Export
+    # OMP_WAIT_POLICY=ACTIVE to measure with spinning.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     children = [_start(name, settings_path, workdir / f"{name}.log", env) for name in SIDES]
     try:
-        results = {child.name: {"ready": child.expect("ready"), "seconds": []} for child in children}
+        results = {child.name: {"ready": child.expect("ready"), "seconds": [], "cpu_seconds": []} for child in children}
         for step in range(settings.total_steps):
             for child in children if step % 2 == 0 else children[::-1]:
-                results[child.name]["seconds"].append(child.go()["seconds"])
+                report = child.go()
+                results[child.name]["seconds"].append(report["seconds"])
+                results[child.name]["cpu_seconds"].append(report["cpu_seconds"])
         for child in children:
             results[child.name]["done"] = child.expect("done")
             if child.process.wait() != 0:
@@ -129,6 +135,7 @@ def run_lockstep(settings: BenchSettings, workdir: Path) -> dict[str, dict[str, 
 
 
 def summarize(raw: dict[str, dict[str, Any]], settings: BenchSettings, warmup: int) -> dict[str, Any]:
+    """Medians over the measured steps; ratios ours/TRL of the medians and of each step pair."""
     sides = {}
     for name, result in raw.items():
         measured = result["seconds"][warmup:]
@@ -138,6 +145,7 @@ def summarize(raw: dict[str, dict[str, Any]], settings: BenchSettings, warmup: i
             "seconds_per_step": median,
             "seconds_min": min(measured),
             "seconds_max": max(measured),
+            "cpu_seconds_per_step": statistics.median(result["cpu_seconds"][warmup:]),
             "completions_per_second": settings.completions_per_step / median,
             "peak_rss_mib": done["peak_rss_mib"],
             "peak_growth_mib": done["peak_growth_mib"],
@@ -147,12 +155,17 @@ def summarize(raw: dict[str, dict[str, Any]], settings: BenchSettings, warmup: i
             "trainable_parameters": result["ready"]["trainable"],
             "completion_length_mean": done["completion_length_mean"],
             "step_seconds_all": result["seconds"],
+            "step_cpu_seconds_all": result["cpu_seconds"],
         }
         if "prompt_tokens" in done:
             sides[name]["prompt_tokens"] = done["prompt_tokens"]
     ours, trl = sides["ours"], sides["trl"]
-    ratios = {key: ours[key] / trl[key] for key in ("seconds_per_step", "completions_per_second", "peak_rss_mib",
-                                                     "peak_growth_mib")}
+    keys = ("seconds_per_step", "cpu_seconds_per_step", "completions_per_second", "peak_rss_mib", "peak_growth_mib")
+    ratios = {key: ours[key] / trl[key] for key in keys}
+    # Step k of both sides ran back to back, under about the same outside load.
+    pairs = [o / t for o, t in zip(raw["ours"]["seconds"][warmup:], raw["trl"]["seconds"][warmup:])]
+    ratios["paired_seconds_median"] = statistics.median(pairs)
+    ratios["paired_seconds_range"] = [min(pairs), max(pairs)]
     return {"sides": sides, "ratios_ours_over_trl": ratios}
 
 
@@ -160,6 +173,7 @@ def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup:
     ours, trl, ratio = summary["sides"]["ours"], summary["sides"]["trl"], summary["ratios_ours_over_trl"]
     rows = [
         ("s/step (median)", "seconds_per_step", "{:.3f}"),
+        ("CPU s/step (median)", "cpu_seconds_per_step", "{:.3f}"),
         ("completions/s", "completions_per_second", "{:.2f}"),
         ("peak RSS in steps, MiB", "peak_rss_mib", "{:.0f}"),
         ("peak growth in steps, MiB", "peak_growth_mib", "{:.0f}"),
@@ -169,10 +183,14 @@ def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup:
             f"{settings.num_generations} completions, {settings.completion_length} completion tokens "
             f"(mean seen: ours {ours['completion_length_mean']:.0f}, TRL {trl['completion_length_mean']:.0f}), "
             f"prompt {ours.get('prompt_tokens', '?')} tokens, beta {settings.beta}, loss {settings.loss_type}, "
-            f"{settings.threads} threads, median of {steps} steps after {warmup} warmup")
+            f"{settings.threads} threads, median of {steps} steps after {warmup} warmup; ours "
+            f"{'shares each prompt over its G completions' if settings.share_prompts else 'runs G copies of each prompt'}"
+            f", TRL runs G copies")
     lines = [head, f"{'':28}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}"]
     for label, key, fmt in rows:
         lines.append(f"{label:28}{fmt.format(ours[key]):>10}{fmt.format(trl[key]):>10}{ratio[key]:>10.2f}")
+    low, high = ratio["paired_seconds_range"]
+    lines.append(f"step pairs, wall ours/TRL: median {ratio['paired_seconds_median']:.2f} (range {low:.2f}-{high:.2f})")
     return "\n".join(lines)
 
 
@@ -192,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     parser.add_argument("--image-size", type=int, default=448, help="square image side (448: 256 image tokens)")
     parser.add_argument("--completion-length", type=int, default=64, help="forced completion tokens")
-    parser.add_argument("--plain-images", action="store_true",
-                        help="our side encodes each image G times (Backbone(encode_images_once=False)), like TRL")
+    parser.add_argument("--prompt-copies", action="store_true",
+                        help="our side runs G copies of each prompt (Backbone(share_prompts=False)), as TRL does")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 total_steps=total,
                 threads=args.threads,
                 completion_length=args.completion_length,
-                encode_images_once=not args.plain_images,
+                share_prompts=not args.prompt_copies,
             )
             summary = summarize(run_lockstep(settings, workdir), settings, args.warmup)
             print(render(size, summary, settings, args.warmup, args.steps), flush=True)

@@ -193,13 +193,16 @@ def test_token_logprobs_temperature(tiny_backbone, prompts):
     assert not torch.allclose(hot, backbone.token_logprobs(prompts, completions, num_generations=1))
 
 
-def test_token_logprobs_only_compute_completion_logits(tiny_backbone, prompts):
-    backbone = tiny_backbone()
+@pytest.mark.parametrize(("share_prompts", "expected"), [(True, [1, 6]), (False, [8])])
+def test_token_logprobs_only_compute_completion_logits(tiny_backbone, prompts, share_prompts, expected):
+    backbone = tiny_backbone(share_prompts=share_prompts)
     positions = []
     backbone.hf_model.lm_head.register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
     completions = torch.full((2, 7), 5)
     backbone.token_logprobs(prompts, completions, num_generations=1)
-    assert positions == [8]  # L + 1, not the prompt's 30-odd positions
+    # Shared: the prompt's last position, then the L - 1 fed completion tokens; copies: the last L + 1
+    # positions. Never the prompt's 30-odd positions.
+    assert positions == expected
 
 
 def test_token_logprobs_backpropagate(tiny_backbone, prompts):
@@ -298,40 +301,57 @@ def test_expanded_image_order_keeps_each_prompts_images_together(tiny_processor)
     assert expanded["image_grid_thw"].tolist() == [[1, 8, 8], [1, 4, 4]] * 2 + [[1, 4, 4]] * 2
 
 
-def test_encoding_images_once_samples_the_same_completions(tiny_backbone, tiny_processor):
+def _rows_per_decoder_call(backbone) -> list[tuple[int, int]]:
+    """Filled with the (rows, tokens) of each call of the first decoder layer."""
+    calls: list[tuple[int, int]] = []
+    layer = backbone.hf_model.model.language_model.layers[0]
+    layer.register_forward_hook(lambda module, args, kwargs, out: calls.append(tuple(args[0].shape[:2])), with_kwargs=True)
+    return calls
+
+
+def test_shared_prompts_sample_the_same_completions(tiny_backbone, tiny_processor):
     mixed = _mixed_image_prompts(tiny_processor)
-    once, plain = tiny_backbone(), tiny_backbone(encode_images_once=False)  # same seed: same weights
-    once_calls, plain_calls = _images_per_vision_call(once), _images_per_vision_call(plain)
+    shared, copies = tiny_backbone(), tiny_backbone(share_prompts=False)  # same seed: same weights
+    shared_calls, copies_calls = _images_per_vision_call(shared), _images_per_vision_call(copies)
     results = {}
-    for name, backbone in [("once", once), ("plain", plain)]:
+    for name, backbone in [("shared", shared), ("copies", copies)]:
         torch.manual_seed(0)
         sampled = backbone.generate(mixed, num_generations=3, max_new_tokens=10, min_new_tokens=10)
         greedy = backbone.generate(mixed, num_generations=3, max_new_tokens=10, do_sample=False)
         results[name] = (sampled, greedy)
-    assert torch.equal(results["once"][0], results["plain"][0])
-    assert torch.equal(results["once"][1], results["plain"][1]) and results["once"][1].shape[0] == 6
-    assert results["once"][0][0].tolist() != results["once"][0][1].tolist()  # sampled copies differ
-    # 3 images per call instead of 3 x G = 9
-    assert once_calls == [3, 3] and plain_calls == [9, 9]
+    assert torch.equal(results["shared"][0], results["copies"][0])
+    assert torch.equal(results["shared"][1], results["copies"][1]) and results["shared"][1].shape[0] == 6
+    assert results["shared"][0][0].tolist() != results["shared"][0][1].tolist()  # sampled copies differ
+    assert shared_calls == [3, 3] and copies_calls == [9, 9]  # 3 images per call instead of 3 x G
 
 
-def test_encoding_images_once_gives_the_same_logprobs_and_gradients(tiny_backbone, tiny_processor):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny_processor, checkpointing):
     mixed = _mixed_image_prompts(tiny_processor)
+    prompt_length = mixed["input_ids"].shape[1]
     # A trainable vision tower: its gradient must add up over the G rows that share the features.
-    once, plain = tiny_backbone(freeze_vision=False), tiny_backbone(freeze_vision=False, encode_images_once=False)
-    once_calls, plain_calls = _images_per_vision_call(once), _images_per_vision_call(plain)
-    completions = torch.tensor([[11, 12, 13, 14, EOS], [21, 22, EOS, PAD, PAD], [31, 32, 33, 34, 35]] * 2)
+    # Activation checkpointing drops the prompt cache, so then only the images are shared.
+    kwargs = dict(freeze_vision=False, gradient_checkpointing=checkpointing)
+    shared, copies = tiny_backbone(**kwargs), tiny_backbone(share_prompts=False, **kwargs)
+    vision_calls = {"shared": _images_per_vision_call(shared), "copies": _images_per_vision_call(copies)}
+    decoder_calls = {"shared": _rows_per_decoder_call(shared), "copies": _rows_per_decoder_call(copies)}
+    completions = torch.tensor([[11, 12, 13, 14, EOS], [21, 22, EOS, PAD, PAD], [31, IMAGE_PAD, 33, 34, 35]] * 2)
+    mask, _ = completion_mask(completions, [EOS])  # values after EOS are meaningless: left out
     logps = {}
-    for name, backbone in [("once", once), ("plain", plain)]:
+    for name, backbone in [("shared", shared), ("copies", copies)]:
         logps[name] = backbone.token_logprobs(mixed, completions, num_generations=3)  # [6, 5]
-        logps[name].sum().backward()
-    torch.testing.assert_close(logps["once"], logps["plain"], atol=1e-6, rtol=1e-6)
-    plain_params = dict(plain.named_parameters())
+        logps[name][mask == 1].sum().backward()
+    torch.testing.assert_close(logps["shared"][mask == 1], logps["copies"][mask == 1], atol=1e-5, rtol=1e-5)
+    copies_params = dict(copies.named_parameters())
     for name in ["model.model.visual.patch_embed.proj.weight", "model.model.language_model.layers.0.mlp.up_proj.weight"]:
-        expected = plain_params[name].grad
+        expected = copies_params[name].grad
         assert expected.abs().max() > 0
-        torch.testing.assert_close(dict(once.named_parameters())[name].grad, expected, atol=1e-5, rtol=1e-4)
-    assert once_calls == [3] and plain_calls == [9]
+        torch.testing.assert_close(dict(shared.named_parameters())[name].grad, expected, atol=1e-5, rtol=1e-4)
+    assert vision_calls == {"shared": [3], "copies": [9]}
+    # Shared: the 2 prompts once, then 6 rows of the 4 fed completion tokens; copies: 6 rows of P + L.
+    copies_shape = (6, prompt_length + 5)
+    prompt_once = [(2, prompt_length), (6, 4)] if not checkpointing else [copies_shape]
+    assert decoder_calls == {"shared": prompt_once, "copies": [copies_shape]}
 
 
 # ---------------------------------------------------------------- export

@@ -199,12 +199,12 @@ def test_corrupt_letters_changes_only_the_demonstration_letter(dataset):
 
 def test_ensure_generates_once_and_then_reuses(tmp_path, monkeypatch):
     path = Path(ensure_embedded_dataset(tmp_path, seed=1, num_records=6))
-    assert path == tmp_path / "embedded-v1-seed1-n6" / "records.jsonl" and len(_read(path)) == 6
+    assert path == tmp_path / "embedded-v1-fixed-seed1-n6" / "records.jsonl" and len(_read(path)) == 6
     monkeypatch.setattr(synthetic, "generate_dataset", lambda *a, **k: pytest.fail("regenerated"))
     assert ensure_embedded_dataset(tmp_path, seed=1, num_records=6) == str(path)
     ood_path = Path(ensure_ood_dataset(tmp_path, seed=1, per_modality=2))
-    assert ood_path.parent.name == "ood-v1-seed1-n2" and len(_read(ood_path)) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-v1-seed1-n6", "ood-v1-seed1-n2"]
+    assert ood_path.parent.name == "ood-v1-fixed-seed1-n2" and len(_read(ood_path)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-v1-fixed-seed1-n6", "ood-v1-fixed-seed1-n2"]
 
 
 def test_a_crash_during_generation_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -220,7 +220,7 @@ def test_a_crash_during_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_a_process_that_finishes_first_wins_the_race(tmp_path, monkeypatch):
-    final = tmp_path / "embedded-v1-seed0-n5"
+    final = tmp_path / "embedded-v1-fixed-seed0-n5"
 
     def slower(out_dir, *args, **kwargs):
         final.mkdir()  # another process renamed its finished dataset into place meanwhile
@@ -233,8 +233,8 @@ def test_a_process_that_finishes_first_wins_the_race(tmp_path, monkeypatch):
 
 
 def test_a_foreign_folder_in_the_way_is_reported(tmp_path):
-    (tmp_path / "embedded-v1-seed0-n5" / "notes").mkdir(parents=True)
-    with pytest.raises(OSError, match="embedded-v1-seed0-n5"):
+    (tmp_path / "embedded-v1-fixed-seed0-n5" / "notes").mkdir(parents=True)
+    with pytest.raises(OSError, match="embedded-v1-fixed-seed0-n5"):
         ensure_embedded_dataset(tmp_path, seed=0, num_records=5)
 
 
@@ -246,3 +246,14 @@ def test_tile_spec_rejects_unknown_values(fields, bad):
     valid = {"stain": "H&E", "size_grade": 0, "density_grade": 0, "arrangement": "sheet"}
     with pytest.raises(ValueError, match=bad.replace("(", r"\(")):
         TileSpec(**{**valid, **fields})
+
+
+def test_fixed_option_order_changes_only_the_letters(tmp_path):
+    shuffled = _read(generate_dataset(tmp_path / "s", 40, seed=3))
+    fixed = _read(generate_dataset(tmp_path / "f", 40, seed=3, option_order="fixed"))
+    for s, f in zip(shuffled, fixed):
+        assert (s["id"], s["image"], s["options"][s["answer"]]) == (f["id"], f["image"], f["options"][f["answer"]])
+        question = next(q for q in synthetic.QUESTION_TYPES if q.name == f["subset"])
+        assert list(f["options"].values()) == list(question.classes)  # the classes' own order, A first
+    assert (tmp_path / "s" / "images" / "000000.png").read_bytes() == (tmp_path / "f" / "images" / "000000.png").read_bytes()
+    assert any(list(s["options"].values()) != list(f["options"].values()) for s, f in zip(shuffled, fixed))

@@ -7,27 +7,24 @@ means later speedups (one vision pass and one prefill per group of G) land in on
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import ModelOutput
 
 from pathvlm_lightning.backbone import sharding
 from pathvlm_lightning.backbone.export import export_pretrained
 from pathvlm_lightning.backbone.loading import Quantization, load_model_and_processor
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
+from pathvlm_lightning.backbone.shared_prompt import expanded_image_features, shared_prompt_logits, sharing_mode
 from pathvlm_lightning.backbone.sequences import (
     completion_mask,
     expand_prompt_inputs,
-    expanded_image_order,
-    images_per_row,
     mm_token_types,
     pad_after_eos,
     replace_tokens,
@@ -49,11 +46,11 @@ class Backbone(torch.nn.Module):
             to train (quantised weights themselves take no gradient).
         gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
-        encode_images_once: the G completions of a prompt share its images, so ``generate`` and
-            ``token_logprobs`` run the vision tower once per prompt and reuse the features for all G
-            rows (G times less vision work; needs transformers' ``mm_encoder_outputs``, 5.x, and an
-            unsharded model for ``token_logprobs``; otherwise the images are encoded G times). The
-            results equal repeated encoding up to float rounding; ``False`` always repeats.
+        share_prompts: the G completions of a prompt share its tokens and images, so ``generate``
+            encodes each image once (transformers 5.x) and ``token_logprobs`` runs each prompt once
+            and its G completions against the prompt's repeated key/value cache (see
+            ``backbone/shared_prompt.py``; where that cannot be done, as many copies as needed).
+            Results equal G separate copies up to float rounding; ``False`` always runs G copies.
     """
 
     def __init__(
@@ -68,10 +65,10 @@ class Backbone(torch.nn.Module):
         gradient_checkpointing: bool = False,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
-        encode_images_once: bool = True,
+        share_prompts: bool = True,
     ) -> None:
         super().__init__()
-        self.encode_images_once = encode_images_once
+        self.share_prompts = share_prompts
         hf_model, self.processor = load_model_and_processor(
             model,
             seed=seed,
@@ -90,6 +87,7 @@ class Backbone(torch.nn.Module):
                 hf_model, lora, quantized=quantization is not None, gradient_checkpointing=gradient_checkpointing
             )
         self.model = hf_model  # the PeftModel when LoRA is on, else the transformers model
+        self.model.train()  # from_pretrained returns eval mode; Lightning manages modes from here
 
     # ------------------------------------------------------------------ identity
     @property
@@ -149,13 +147,13 @@ class Backbone(torch.nn.Module):
         checkpoint's own sampling defaults (Qwen ships top_k=1, repetition_penalty 1.05) are ignored
         so that the sampling distribution is the one ``token_logprobs`` scores. Vision ids are
         suppressed. Runs in eval mode without gradient; the previous mode is restored. With
-        ``encode_images_once`` the B prompts go in once: transformers repeats each of them after
+        ``share_prompts`` the B prompts go in once: transformers repeats each of them after
         encoding its images (``num_return_sequences``; one encoding per image in 5.x), and greedy
         decoding, whose G copies are identical, decodes each prompt once and copies the result.
         """
         hf_model = self.hf_model
-        fan_out = num_generations if self.encode_images_once else 1  # copies made after the prompt goes in
-        inputs = self._expand(prompt_inputs, num_generations // fan_out)  # [B or B*G, P]
+        fan_out = num_generations if self.share_prompts else 1  # copies made after the prompt goes in
+        inputs = self._expand(self._on_device(prompt_inputs), num_generations // fan_out)  # [B or B*G, P]
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -204,32 +202,24 @@ class Backbone(torch.nn.Module):
         positions get vocabulary logits (``logits_to_keep``). Vision ids in the completion are fed
         as pad so they are not read as image slots; their log-probs are still those of the given ids.
         Positions after the first EOS are masked from attention and their values are meaningless.
-        Runs in whatever mode the module is in (dropout included). With ``encode_images_once`` each
-        prompt's images go through the vision tower once (gradients, if any, add up over the G rows).
+        Runs in whatever mode the module is in (dropout included). With ``share_prompts`` each
+        prompt runs once for its G completions (gradients reaching it add up over them).
         """
-        expanded = self._expand(prompt_inputs, num_generations, share_image_features=True)
-        prompt_ids = expanded["input_ids"]  # [B*G, P]
-        if completion_ids.shape[0] != prompt_ids.shape[0]:
+        inputs = self._on_device(prompt_inputs)  # [B, P]
+        rows = inputs["input_ids"].shape[0] * num_generations
+        if completion_ids.shape[0] != rows:
             raise ValueError(
-                f"completion_ids has {completion_ids.shape[0]} rows, expected {prompt_ids.shape[0]} "
+                f"completion_ids has {completion_ids.shape[0]} rows, expected {rows} "
                 f"(prompts x num_generations={num_generations})"
             )
-        completion_ids = completion_ids.to(prompt_ids.device)
+        completion_ids = completion_ids.to(inputs["input_ids"].device)
         fed = replace_tokens(completion_ids, self.vision_token_ids, self.pad_token_id)  # [B*G, L]
         mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
-        input_ids = torch.cat([prompt_ids, fed], dim=1)  # [B*G, P+L]
-        length = completion_ids.shape[1]
-        outputs = self.hf_model(
-            input_ids=input_ids,
-            attention_mask=torch.cat([expanded["attention_mask"], mask.to(expanded["attention_mask"].dtype)], dim=1),
-            mm_token_type_ids=self._token_types(input_ids),
-            pixel_values=expanded.get("pixel_values"),
-            image_grid_thw=expanded.get("image_grid_thw"),
-            **({"mm_encoder_outputs": expanded["mm_encoder_outputs"]} if "mm_encoder_outputs" in expanded else {}),
-            logits_to_keep=length + 1,
-            use_cache=False,
-        )
-        logits = outputs.logits[:, :-1]  # [B*G, L, V]: position P-1+j predicts completion token j
+        mode = sharing_mode(self.hf_model, inputs, sharded=bool(sharding.fsdp_units(self.model)))
+        if self.share_prompts and mode == "prompt":
+            logits = shared_prompt_logits(self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, V]
+        else:
+            logits = self._copies_logits(inputs, fed, mask, num_generations, share_images=self.share_prompts and mode == "images")
         return selective_log_softmax(logits, completion_ids, temperature)
 
     # ------------------------------------------------------------------ reference model
@@ -273,38 +263,50 @@ class Backbone(torch.nn.Module):
         config = self.hf_model.config
         return mm_token_types(input_ids, config.image_token_id, config.video_token_id)
 
-    def _expand(
-        self, prompt_inputs: Mapping[str, torch.Tensor], num_generations: int, share_image_features: bool = False
-    ) -> dict[str, Any]:
-        """Prompt inputs on the model's device, with token types, repeated G times per prompt.
+    def _copies_logits(
+        self,
+        inputs: dict[str, torch.Tensor],
+        fed: torch.Tensor,
+        mask: torch.Tensor,
+        num_generations: int,
+        share_images: bool,
+    ) -> torch.Tensor:
+        """Logits [B*G, L, V] from G full copies of each prompt followed by its completions
+        (``share_images``: the copies get image features encoded once instead of pixels)."""
+        features = expanded_image_features(self.hf_model, inputs, num_generations) if share_images else None
+        if features is not None:
+            inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        expanded = self._expand(inputs, num_generations)
+        input_ids = torch.cat([expanded["input_ids"], fed], dim=1)  # [B*G, P+L]
+        attention_mask = torch.cat([expanded["attention_mask"], mask.to(expanded["attention_mask"].dtype)], dim=1)
+        outputs = self.hf_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_token_type_ids=self._token_types(input_ids),
+            pixel_values=expanded.get("pixel_values"),
+            image_grid_thw=expanded.get("image_grid_thw"),
+            **({"mm_encoder_outputs": features} if features is not None else {}),
+            logits_to_keep=fed.shape[1] + 1,
+            use_cache=False,
+        )
+        return outputs.logits[:, :-1]  # [B*G, L, V]: position P-1+j predicts completion token j
 
-        With ``share_image_features`` (and :meth:`_can_share_image_features`) the pixels are replaced
-        by ``mm_encoder_outputs``: each image encoded once, its features listed once per expanded row.
-        """
-        config = self.hf_model.config
+    def _on_device(self, prompt_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The prompt tensors on the model's device, with token types."""
         device = next(self.hf_model.parameters()).device
         inputs = {k: v.to(device) for k, v in prompt_inputs.items() if isinstance(v, torch.Tensor)}
         inputs["mm_token_type_ids"] = self._token_types(inputs["input_ids"])
-        merge_size = config.vision_config.spatial_merge_size
-        pixels = inputs.get("pixel_values")
-        if pixels is None or not (share_image_features and self._can_share_image_features()):
-            return expand_prompt_inputs(inputs, num_generations, image_token_id=config.image_token_id, merge_size=merge_size)
-        del inputs["pixel_values"]
-        grid = inputs["image_grid_thw"]  # [N, 3]
-        expanded: dict[str, Any] = expand_prompt_inputs(
-            inputs, num_generations, image_token_id=config.image_token_id, merge_size=merge_size
-        )
-        features = self.hf_model.get_image_features(pixels, grid, return_dict=True).pooler_output  # N x [tokens, H]
-        counts = images_per_row(inputs["input_ids"], grid, config.image_token_id, merge_size)
-        shared = [features[i] for i in expanded_image_order(counts, num_generations)]  # N*G x [tokens, H]
-        expanded["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=shared)}
-        return expanded
+        return inputs
 
-    def _can_share_image_features(self) -> bool:
-        """Precomputed image features are accepted (transformers 5.x) and the vision tower is not sharded:
-        under FSDP2 it must run inside the model's root forward."""
-        accepts = "mm_encoder_outputs" in inspect.signature(self.hf_model.forward).parameters
-        return self.encode_images_once and accepts and not sharding.fsdp_units(self.model)
+    def _expand(self, inputs: Mapping[str, torch.Tensor], num_generations: int) -> dict[str, torch.Tensor]:
+        """Device-side prompt inputs repeated G times per prompt (rows ``i*G .. i*G+G-1``: prompt ``i``)."""
+        config = self.hf_model.config
+        return expand_prompt_inputs(
+            inputs,
+            num_generations,
+            image_token_id=config.image_token_id,
+            merge_size=config.vision_config.spatial_merge_size,
+        )
 
 
 def _enable_checkpointing(model: Qwen2_5_VLForConditionalGeneration) -> None:

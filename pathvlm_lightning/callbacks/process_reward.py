@@ -19,6 +19,7 @@ from typing_extensions import override
 from pathvlm_lightning.callbacks.reward import RewardCallback
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.rewards.judge.counters import FAULTS
 from pathvlm_lightning.rewards.judge.background import BackgroundLoop
 from pathvlm_lightning.rewards.judge.client import JudgeClient
 from pathvlm_lightning.rewards.judge.config import JudgeConfig
@@ -44,6 +45,10 @@ class ProcessReward(RewardCallback):
     """
 
     default_name = "process"
+    summed_metrics = frozenset(
+        {"requests", "retries", "cache_hits", "fallbacks", "prompt_tokens", "completion_tokens", "retry_wait"}
+        | {f"fallback/{cause}" for cause in FAULTS}
+    )
 
     def __init__(self, judge: JudgeConfig | None = None, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight=weight, name=name)

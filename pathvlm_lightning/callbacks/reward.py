@@ -31,6 +31,9 @@ class RewardCallback(Callback):
     """
 
     default_name = "reward"
+    #: keys of ``metrics()`` that are counts: summed over ranks when logged (others are averaged,
+    #: keys ending in ``_max`` take the maximum)
+    summed_metrics: frozenset[str] = frozenset()
 
     def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
         if not math.isfinite(weight):

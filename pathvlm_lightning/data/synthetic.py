@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -46,6 +46,13 @@ from pathvlm_lightning.data.synthetic_tiles import (
     generate_tile,
 )
 
+#: ``shuffled``: options in a random order per record, as in PathMMU. ``fixed``: options in the
+#: classes' natural order (small < medium < large < very large, ...), so a letter always names the
+#: same grade. The embedded default is ``fixed``: a from-scratch 0.8 M-parameter model on CPU did
+#: not learn to look a shuffled option's letter up in the prompt within the demo budget (letter and
+#: option text agreed in ~25-29% of its answers, chance level, while the option text was right in 48%),
+#: which left accuracy below chance and gave RL nothing but noise to work on.
+OptionOrder = Literal["shuffled", "fixed"]
 EMBEDDED_VERSION = "embedded-v1"  # bump when the drawing or the questions change: cached folders are keyed by it
 TARGET_LETTER_KEY = "target_letter"
 GRADE_LABELS = ("benign-appearing", "hyperplastic", "atypical", "high-grade")
@@ -148,12 +155,19 @@ QUESTION_TYPES: tuple[QuestionType, ...] = (
 )
 
 
-def generate_dataset(out_dir: str | os.PathLike, num_records: int, seed: int, share_fraction: float = 0.3) -> Path:
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    num_records: int,
+    seed: int,
+    share_fraction: float = 0.3,
+    option_order: OptionOrder = "shuffled",
+) -> Path:
     """Write ``num_records`` tile questions and their PNGs into ``out_dir``; return its ``records.jsonl``.
 
     Deterministic in ``seed`` (byte-identical files). Tile ``t`` depends only on ``(seed, t)``, so a
     smaller set is a prefix of a larger one. A ``share_fraction`` of tiles get two questions of
-    different types about the same image.
+    different types about the same image. ``option_order`` (see ``OptionOrder``) changes only the
+    options' letters, never the images or which class is right.
     """
     if num_records < 1:
         raise ValueError(f"generate_dataset: num_records must be >= 1, got {num_records!r}")
@@ -171,7 +185,9 @@ def generate_dataset(out_dir: str | os.PathLike, num_records: int, seed: int, sh
         wanted = 2 if rng.random() < share_fraction else 1
         for q, index in enumerate(rng.permutation(len(QUESTION_TYPES))[: min(wanted, num_records - len(records))]):
             records.append(
-                _record(QUESTION_TYPES[index], spec, rng, f"syn-{tile:06d}-{q}", image, spec.modality, asdict(spec))
+                _record(
+                    QUESTION_TYPES[index], spec, rng, f"syn-{tile:06d}-{q}", image, spec.modality, asdict(spec), option_order
+                )
             )
         tile += 1
     return _write_records(out, records)
@@ -221,7 +237,9 @@ OOD_MODALITIES: dict[str, tuple[QuestionType, Callable[[int, np.random.Generator
 }
 
 
-def generate_ood_dataset(out_dir: str | os.PathLike, per_modality: int, seed: int) -> Path:
+def generate_ood_dataset(
+    out_dir: str | os.PathLike, per_modality: int, seed: int, option_order: OptionOrder = "shuffled"
+) -> Path:
     """Write ``per_modality`` questions (one image each, classes balanced) for every synthetic
     out-of-domain modality into ``out_dir``; return its ``records.jsonl``. Deterministic in ``seed``."""
     if per_modality < 1:
@@ -236,20 +254,27 @@ def generate_ood_dataset(out_dir: str | os.PathLike, per_modality: int, seed: in
             cls = i % len(question.classes)
             image = f"images/{short}-{i:05d}.png"
             draw(cls, rng).save(out / image, compress_level=1)
-            records.append(_record(question, cls, rng, f"ood-{short}-{i:05d}", image, modality, {"class_index": cls}))
+            records.append(
+                _record(question, cls, rng, f"ood-{short}-{i:05d}", image, modality, {"class_index": cls}, option_order)
+            )
     return _write_records(out, records)
 
 
-def ensure_embedded_dataset(root: str | os.PathLike, seed: int = 0, num_records: int = 6000) -> str:
-    """Path of ``<root>/embedded-v1-seed{seed}-n{num_records}/records.jsonl``, generated on first use."""
-    folder = Path(root) / f"{EMBEDDED_VERSION}-seed{seed}-n{num_records}"
-    return str(_ensure(folder, lambda tmp: generate_dataset(tmp, num_records, seed)))
+def ensure_embedded_dataset(
+    root: str | os.PathLike, seed: int = 0, num_records: int = 6000, option_order: OptionOrder = "fixed"
+) -> str:
+    """Path of ``<root>/embedded-v1-{option_order}-seed{seed}-n{num_records}/records.jsonl``, generated
+    on first use. The embedded default lists options in a fixed order (see ``OptionOrder``)."""
+    folder = Path(root) / f"{EMBEDDED_VERSION}-{option_order}-seed{seed}-n{num_records}"
+    return str(_ensure(folder, lambda tmp: generate_dataset(tmp, num_records, seed, option_order=option_order)))
 
 
-def ensure_ood_dataset(root: str | os.PathLike, seed: int = 0, per_modality: int = 200) -> str:
-    """Path of ``<root>/ood-v1-seed{seed}-n{per_modality}/records.jsonl``, generated on first use."""
-    folder = Path(root) / f"ood-v1-seed{seed}-n{per_modality}"
-    return str(_ensure(folder, lambda tmp: generate_ood_dataset(tmp, per_modality, seed)))
+def ensure_ood_dataset(
+    root: str | os.PathLike, seed: int = 0, per_modality: int = 200, option_order: OptionOrder = "fixed"
+) -> str:
+    """Path of ``<root>/ood-v1-{option_order}-seed{seed}-n{per_modality}/records.jsonl``, generated on first use."""
+    folder = Path(root) / f"ood-v1-{option_order}-seed{seed}-n{per_modality}"
+    return str(_ensure(folder, lambda tmp: generate_ood_dataset(tmp, per_modality, seed, option_order=option_order)))
 
 
 def corrupt_letters(records: Sequence[VQARecord], rate: float, seed: int) -> list[VQARecord]:
@@ -285,9 +310,12 @@ def _record(
     image: str,
     modality: str,
     spec_dict: dict,
+    option_order: OptionOrder = "shuffled",
 ) -> dict:
-    """One record dict with the four options shuffled by ``rng``."""
+    """One record dict; options shuffled by ``rng`` or, with ``fixed``, in the classes' own order."""
     order = rng.permutation(len(question.classes))  # order[k] = class shown as letter k
+    if option_order == "fixed":  # the permutation is still drawn so the rest of the stream is unchanged
+        order = np.arange(len(question.classes))
     correct = question.answer(spec)
     answer_text = question.classes[correct]
     return {

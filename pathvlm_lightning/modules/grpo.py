@@ -174,7 +174,8 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.log("rollout/tokens_per_s", lengths.sum() / max(rollout.generation_seconds, 1e-9), **log)
         for reward in self._chain.rewards:
             for key, value in reward.metrics().items():
-                self.log(f"{reward.name}/{key}", float(value), **log)
+                reduce_fx = "sum" if key in reward.summed_metrics else "max" if key.endswith("_max") else "mean"
+                self.log(f"{reward.name}/{key}", float(value), reduce_fx=reduce_fx, **log)
         every = self.hparams.log_completions_every_n_steps
         if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger):
             self._log_samples(rollout)
