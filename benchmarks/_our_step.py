@@ -40,7 +40,9 @@ class _LockstepCallback(Callback):
             }
         )
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: GRPOModule, outputs: Any, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: GRPOModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
         self.prompt_tokens = batch["prompt_inputs"]["input_ids"].shape[1]  # padded prompt width P
         self._gate.step_done()
 

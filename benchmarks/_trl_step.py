@@ -109,7 +109,10 @@ def main() -> None:
     processor.tokenizer.padding_side = "left"
     dataset = Dataset.from_list([_row(r) for r in read_records(settings.records_path)])
     params = list(model.parameters())
-    info = {"parameters": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+    info = {
+        "parameters": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+    }
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[format_score, accuracy_score],

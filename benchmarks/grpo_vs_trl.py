@@ -7,8 +7,9 @@ Both sides start from one saved Qwen2.5-VL folder (embedded tiny or small archit
 the same records (448x448 images: 256 image tokens each) in the same order, with G completions per
 prompt forced to the same length, the same loss type, beta, clip range, learning rate and rule
 rewards. Each side runs in its own child process (so its peak RSS is its own); the parent lets them
-step in lockstep, one side at a time, alternating which goes first. Printed per model: median
-seconds per optimizer step, completions per second, peak RSS during the steps, and ours/TRL ratios.
+step in lockstep, one side at a time, alternating which goes first. Printed per model: median wall
+and CPU seconds per optimizer step, completions per second, peak RSS during the steps, and ours/TRL
+ratios (of the medians, and the median ratio of the back-to-back step pairs).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def make_records(folder: Path, count: int, image_size: int, seed: int) -> Path:
     source = generate_dataset(folder / "tiles", count, seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for record in read_records(source)[:count]:
+    for record in read_records(source):
         with Image.open(source.parent / record.image) as tile:
             big = tile.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
         path = folder / "images" / f"{record.id}.png"
@@ -184,8 +185,8 @@ def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup:
             f"(mean seen: ours {ours['completion_length_mean']:.0f}, TRL {trl['completion_length_mean']:.0f}), "
             f"prompt {ours.get('prompt_tokens', '?')} tokens, beta {settings.beta}, loss {settings.loss_type}, "
             f"{settings.threads} threads, median of {steps} steps after {warmup} warmup; ours "
-            f"{'shares each prompt over its G completions' if settings.share_prompts else 'runs G copies of each prompt'}"
-            f", TRL runs G copies")
+            f"{'shares each prompt among' if settings.share_prompts else 'runs G copies of each prompt for'} "
+            f"its G completions, TRL runs G copies")
     lines = [head, f"{'':28}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}"]
     for label, key, fmt in rows:
         lines.append(f"{label:28}{fmt.format(ours[key]):>10}{fmt.format(trl[key]):>10}{ratio[key]:>10.2f}")
@@ -215,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error(f"need --steps >= 1, --warmup >= 0, --threads >= 1; got {args.steps}, {args.warmup}, {args.threads}")
+        parser.error(
+            f"need --steps >= 1, --warmup >= 0, --threads >= 1; got {args.steps}, {args.warmup}, {args.threads}"
+        )
     if importlib.util.find_spec("trl") is None:
         raise SystemExit(f"{sys.executable} cannot import trl: install the bench extra (pip install -e '.[bench]')")
     report: dict[str, Any] = {"machine": _machine(), "models": {}}
@@ -224,15 +227,18 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             workdir = Path(tmp) / size
             workdir.mkdir()
-            total = args.warmup + args.steps
             settings = BenchSettings(
-                model_dir=str(save_model(size, workdir / "model", seed=0)),
-                records_path=str(make_records(workdir / "data", 2 * total, args.image_size, seed=0)),
-                total_steps=total,
+                model_dir=str(workdir / "model"),
+                records_path=str(workdir / "data" / "records.jsonl"),
+                total_steps=args.warmup + args.steps,
                 threads=args.threads,
                 completion_length=args.completion_length,
                 share_prompts=not args.prompt_copies,
             )
+            save_model(size, Path(settings.model_dir), settings.seed)
+            # New prompts every step and no epoch boundary inside the run.
+            count = settings.prompts_per_step * settings.total_steps
+            make_records(workdir / "data", count, args.image_size, settings.seed)
             summary = summarize(run_lockstep(settings, workdir), settings, args.warmup)
             print(render(size, summary, settings, args.warmup, args.steps), flush=True)
             print(flush=True)

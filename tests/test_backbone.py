@@ -279,7 +279,8 @@ def _mixed_image_prompts(processor) -> dict[str, torch.Tensor]:
         )
         for count, question in [(2, "Compare the two tiles."), (1, "Size?")]
     ]
-    images = [Image.fromarray(np.random.default_rng(s).integers(0, 256, (s, s, 3), dtype=np.uint8)) for s in (112, 56, 57)]
+    rngs = [np.random.default_rng(s) for s in (112, 56, 57)]
+    images = [Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)) for rng, s in zip(rngs, (112, 56, 56))]
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
 
 
@@ -305,7 +306,9 @@ def _rows_per_decoder_call(backbone) -> list[tuple[int, int]]:
     """Filled with the (rows, tokens) of each call of the first decoder layer."""
     calls: list[tuple[int, int]] = []
     layer = backbone.hf_model.model.language_model.layers[0]
-    layer.register_forward_hook(lambda module, args, kwargs, out: calls.append(tuple(args[0].shape[:2])), with_kwargs=True)
+    layer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(tuple(args[0].shape[:2])), with_kwargs=True
+    )
     return calls
 
 
@@ -343,7 +346,8 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny
         logps[name][mask == 1].sum().backward()
     torch.testing.assert_close(logps["shared"][mask == 1], logps["copies"][mask == 1], atol=1e-5, rtol=1e-5)
     copies_params = dict(copies.named_parameters())
-    for name in ["model.model.visual.patch_embed.proj.weight", "model.model.language_model.layers.0.mlp.up_proj.weight"]:
+    vision_weight, decoder_weight = "visual.patch_embed.proj.weight", "language_model.layers.0.mlp.up_proj.weight"
+    for name in [f"model.model.{vision_weight}", f"model.model.{decoder_weight}"]:
         expected = copies_params[name].grad
         assert expected.abs().max() > 0
         torch.testing.assert_close(dict(shared.named_parameters())[name].grad, expected, atol=1e-5, rtol=1e-4)

@@ -32,12 +32,15 @@ from pathvlm_lightning.backbone.sequences import expanded_image_order, images_pe
 SharingMode = Literal["prompt", "images", "none"]
 
 
-def sharing_mode(model: Qwen2_5_VLForConditionalGeneration, inputs: Mapping[str, torch.Tensor], sharded: bool) -> SharingMode:
+def sharing_mode(
+    model: Qwen2_5_VLForConditionalGeneration, inputs: Mapping[str, torch.Tensor], sharded: bool
+) -> SharingMode:
     """How much of a prompt ``token_logprobs`` can compute once for its G completions.
 
-    ``none`` for text-only prompts (nothing worth the detour), sharded models (under FSDP2 every
-    forward must go through the sharded root) and transformers without the 5.x arguments;
-    ``images`` while activation checkpointing would drop the cache; else ``prompt``.
+    ``none`` for text-only prompts (their positions follow another rule; pathology prompts always
+    carry an image), FSDP2-sharded models (the vision tower would run outside the sharded root's
+    forward, and two root forwards per backward are untested there) and transformers without the
+    5.x arguments; ``images`` while activation checkpointing would drop the cache; else ``prompt``.
     """
     accepted = inspect.signature(model.forward).parameters
     if inputs.get("pixel_values") is None or sharded or not {"cache", "mm_encoder_outputs"} <= set(accepted):
@@ -96,6 +99,7 @@ def expanded_image_features(
     """
     grid = inputs["image_grid_thw"]  # [N, 3]
     features = model.get_image_features(inputs["pixel_values"], grid, return_dict=True).pooler_output  # N x [tokens, H]
-    counts = images_per_row(inputs["input_ids"], grid, model.config.image_token_id, model.config.vision_config.spatial_merge_size)
+    config = model.config
+    counts = images_per_row(inputs["input_ids"], grid, config.image_token_id, config.vision_config.spatial_merge_size)
     shared = [features[i] for i in expanded_image_order(counts, num_generations)]  # N*G x [tokens, H]
     return {"image": BaseModelOutputWithPooling(pooler_output=shared)}

@@ -198,8 +198,9 @@ class Backbone(torch.nn.Module):
     ) -> torch.Tensor:
         """float32 log p(completion token | prompt, earlier tokens) -> [B*G, L]; differentiable.
 
-        Logits are divided by ``temperature`` (match the sampling temperature). Only the last L+1
-        positions get vocabulary logits (``logits_to_keep``). Vision ids in the completion are fed
+        Logits are divided by ``temperature`` (match the sampling temperature). Vocabulary logits
+        are computed only where a completion token is predicted (L positions; L+1 when the prompt
+        is copied, ``logits_to_keep``), never over the prompt. Vision ids in the completion are fed
         as pad so they are not read as image slots; their log-probs are still those of the given ids.
         Positions after the first EOS are masked from attention and their values are meaningless.
         Runs in whatever mode the module is in (dropout included). With ``share_prompts`` each
@@ -219,7 +220,8 @@ class Backbone(torch.nn.Module):
         if self.share_prompts and mode == "prompt":
             logits = shared_prompt_logits(self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, V]
         else:
-            logits = self._copies_logits(inputs, fed, mask, num_generations, share_images=self.share_prompts and mode == "images")
+            share_images = self.share_prompts and mode == "images"
+            logits = self._copies_logits(inputs, fed, mask, num_generations, share_images)  # [B*G, L, V]
         return selective_log_softmax(logits, completion_ids, temperature)
 
     # ------------------------------------------------------------------ reference model
@@ -273,8 +275,9 @@ class Backbone(torch.nn.Module):
     ) -> torch.Tensor:
         """Logits [B*G, L, V] from G full copies of each prompt followed by its completions
         (``share_images``: the copies get image features encoded once instead of pixels)."""
-        features = expanded_image_features(self.hf_model, inputs, num_generations) if share_images else None
-        if features is not None:
+        features = None
+        if share_images:
+            features = expanded_image_features(self.hf_model, inputs, num_generations)
             inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         expanded = self._expand(inputs, num_generations)
         input_ids = torch.cat([expanded["input_ids"], fed], dim=1)  # [B*G, P+L]
