@@ -76,9 +76,13 @@ class ReferenceModelCallback(Callback):
         if self._reference is None:
             with backbone.adapters_disabled():
                 return backbone.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
-        if not self._sharded:  # FSDP2 placed the shards on the mesh's device already
-            self._reference.to(pl_module.device)
         return self._reference.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put an unsharded copy on the policy's device once (FSDP2 placed sharded ones already)."""
+        if self._reference is not None and not self._sharded:
+            self._reference.to(pl_module.device)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:

@@ -178,7 +178,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                 self.log(f"{reward.name}/{key}", float(value), reduce_fx=reduce_fx, **log)
         every = self.hparams.log_completions_every_n_steps
         if every and self.global_step % every == 0 and isinstance(self.logger, TensorBoardLogger):
-            self._log_samples(rollout)
+            self._log_samples(rollout, total)
 
     def _log_loss(self, loss: torch.Tensor, stats: Any) -> None:
         log = dict(batch_size=1, sync_dist=True)
@@ -191,13 +191,12 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.log("train/ratio_mean", stats.ratio_mean, **log)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
 
-    def _log_samples(self, rollout: Rollout, count: int = 4) -> None:
+    def _log_samples(self, rollout: Rollout, total: torch.Tensor, count: int = 4) -> None:
         rows = []
         for i in range(min(count, rollout.num_completions)):
             record = rollout.record_of(i)
-            total = rollout.total_reward()[i].item()
             text = rollout.completion_texts[i].replace("|", "\\|").replace("\n", " ")
-            rows.append(f"| {record.id} | {record.reference} | {total:.2f} | `{text}` |")
+            rows.append(f"| {record.id} | {record.reference} | {total[i].item():.2f} | `{text}` |")
         table = "| id | reference | reward | completion |\n|---|---|---|---|\n" + "\n".join(rows)
         self.logger.experiment.add_text("samples/completions", table, global_step=self.global_step)
 
