@@ -1,4 +1,25 @@
-from pathvlm_lightning.cli import main
+"""``python -m pathvlm_lightning``: ``infer`` and ``export`` (see :mod:`pathvlm_lightning.commands`),
+everything else (``fit``, ``validate``, ``test``, ``predict``, ``--help``) to LightningCLI."""
+
+from __future__ import annotations
+
+import sys
+
+from pathvlm_lightning.commands import COMMANDS, dispatch
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Entry point; ``argv`` defaults to the process's arguments."""
+    given = sys.argv[1:] if argv is None else argv
+    code = dispatch(given)
+    if code is not None:
+        sys.exit(code)
+    if given[:1] in (["-h"], ["--help"]):  # LightningCLI's help lists only its own subcommands
+        print(f"Also: {', '.join(COMMANDS)} (python -m pathvlm_lightning infer --help)\n")
+    from pathvlm_lightning.cli import main
+
+    main(argv)
+
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -16,7 +16,7 @@ from pathvlm_lightning.callbacks import ReferenceModelCallback
 from pathvlm_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(REPO.glob("configs/**/*.yaml"))
+CONFIGS = sorted(p for p in REPO.glob("configs/**/*.yaml") if p.name != "pipeline.yaml")  # plans: test_pipeline_runner
 DEMO_CONFIGS = [p for p in CONFIGS if p.parent.name == "demo"]
 # `python -m pathvlm_lightning fit ...`, `torchrun ... -m pathvlm_lightning fit ...` or `pathvlm fit ...`
 COMMAND = re.compile(r"(?:-m pathvlm_lightning|\bpathvlm) (fit|validate|test|predict)\b([^\n`]*)")

@@ -199,12 +199,12 @@ def test_corrupt_letters_changes_only_the_demonstration_letter(dataset):
 
 def test_ensure_generates_once_and_then_reuses(tmp_path, monkeypatch):
     path = Path(ensure_embedded_dataset(tmp_path, seed=1, num_records=6))
-    assert path == tmp_path / "embedded-v1-fixed-seed1-n6" / "records.jsonl" and len(_read(path)) == 6
+    assert path == tmp_path / "embedded-v2-fixed-t0.7-seed1-n6" / "records.jsonl" and len(_read(path)) == 6
     monkeypatch.setattr(synthetic, "generate_dataset", lambda *a, **k: pytest.fail("regenerated"))
     assert ensure_embedded_dataset(tmp_path, seed=1, num_records=6) == str(path)
     ood_path = Path(ensure_ood_dataset(tmp_path, seed=1, per_modality=2))
     assert ood_path.parent.name == "ood-v1-fixed-seed1-n2" and len(_read(ood_path)) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-v1-fixed-seed1-n6", "ood-v1-fixed-seed1-n2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-v2-fixed-t0.7-seed1-n6", "ood-v1-fixed-seed1-n2"]
 
 
 def test_a_crash_during_generation_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -220,7 +220,7 @@ def test_a_crash_during_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_a_process_that_finishes_first_wins_the_race(tmp_path, monkeypatch):
-    final = tmp_path / "embedded-v1-fixed-seed0-n5"
+    final = tmp_path / "embedded-v2-fixed-t0.7-seed0-n5"
 
     def slower(out_dir, *args, **kwargs):
         final.mkdir()  # another process renamed its finished dataset into place meanwhile
@@ -233,8 +233,8 @@ def test_a_process_that_finishes_first_wins_the_race(tmp_path, monkeypatch):
 
 
 def test_a_foreign_folder_in_the_way_is_reported(tmp_path):
-    (tmp_path / "embedded-v1-fixed-seed0-n5" / "notes").mkdir(parents=True)
-    with pytest.raises(OSError, match="embedded-v1-fixed-seed0-n5"):
+    (tmp_path / "embedded-v2-fixed-t0.7-seed0-n5" / "notes").mkdir(parents=True)
+    with pytest.raises(OSError, match="embedded-v2-fixed-t0.7-seed0-n5"):
         ensure_embedded_dataset(tmp_path, seed=0, num_records=5)
 
 

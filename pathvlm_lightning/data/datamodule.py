@@ -33,7 +33,7 @@ from pathvlm_lightning.data.splits import (
     prepare_splits,
     read_split,
 )
-from pathvlm_lightning.data.synthetic import ensure_embedded_dataset
+from pathvlm_lightning.data.synthetic import ensure_embedded_dataset, ensure_ood_dataset
 from pathvlm_lightning.data.validation import ValidationReport, check_on_invalid
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ EMBEDDED = "embedded"
 # The built-in set: the paper's SFT/RL sizes, a validation split for early stopping, and the rest
 # (1,700 of the default 6,000) for testing, enough to resolve a few points of accuracy.
 EMBEDDED_SPLIT_SIZES: dict[str, int | None] = {"sft": 3000, "rl": 1000, "val": 300, "test": None}
+EMBEDDED_OOD = "embedded_ood"
+# The synthetic out-of-domain set (CT, dermoscopy, fundus) is only ever tested on: one split, all of it.
+EMBEDDED_OOD_SPLIT_SIZES: dict[str, int | None] = {"test": None}
 
 
 class RecordDataset(Dataset):
@@ -79,10 +82,15 @@ class VQADataModule(LightningDataModule):
     """Multiple-choice VQA batches for SFT, GRPO and evaluation.
 
     Args:
-        data_path: a .json/.jsonl/.parquet file or ``save_to_disk`` folder, or ``"embedded"`` for the
-            built-in synthetic set (generated on first use under ``embedded_root``).
-        record_style: ``"pathmmu"`` (options column) or ``"vlm_r1"`` (options in ``problem``,
-            reasoning and answer in ``solution``).
+        data_path: a .json/.jsonl/.parquet file, a ``save_to_disk`` folder, a folder of such files
+            or a glob pattern (files read in sorted order); ``"embedded"`` for the built-in
+            synthetic tissue set, ``"embedded_ood"`` for the built-in synthetic out-of-domain set
+            (both generated on first use under ``embedded_root``). The OOD set is a test set: use
+            it with ``split_sizes: {test: null}`` (its default), ``train_split: test``,
+            ``val_split: null`` and a ``split_dir`` of its own.
+        record_style: ``"pathmmu"`` (options column), ``"vlm_r1"`` (options in ``problem``,
+            reasoning and answer in ``solution``) or ``"omnimedvqa"`` (``option_A``..``option_D``,
+            ``gt_answer`` holding the option text; images relative to the release root).
         field_map: overrides of the style's source columns, e.g. ``{"answer": "gt_answer"}``.
         image_root: folder relative image paths start from (default: the data file's folder).
         split_dir: where the split files and manifest live; share it between the stages of a pipeline.
@@ -97,14 +105,15 @@ class VQADataModule(LightningDataModule):
             (prompts for GRPO rollouts). Test and predict batches are always prompts.
         processor: the backbone's processor; set by the CLI after construction.
         max_length, max_prompt_length: token limits of SFT conversations / prompts (None: no limit).
-        embedded_records, embedded_root: size and cache folder (default ``<split_dir>/embedded``) of
-            the embedded set.
+        embedded_records, embedded_root: size and cache folder (default ``<split_dir>/embedded``,
+            ``<split_dir>/embedded_ood`` for the OOD set) of the embedded set.
+        embedded_ood_per_modality: questions per modality of the embedded OOD set (3 modalities).
     """
 
     def __init__(
         self,
         data_path: str = EMBEDDED,
-        record_style: Literal["pathmmu", "vlm_r1"] = "pathmmu",
+        record_style: Literal["pathmmu", "vlm_r1", "omnimedvqa"] = "pathmmu",
         field_map: dict[str, str | list[str] | None] | None = None,
         image_root: str | None = None,
         split_dir: str = "splits",
@@ -124,6 +133,7 @@ class VQADataModule(LightningDataModule):
         max_prompt_length: int | None = None,
         embedded_records: int = 6000,
         embedded_root: str | None = None,
+        embedded_ood_per_modality: int = 300,
     ) -> None:
         super().__init__()
         if record_style not in RECORD_STYLES:
@@ -134,8 +144,12 @@ class VQADataModule(LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value!r}")
+        if embedded_ood_per_modality < 1:
+            raise ValueError(f"embedded_ood_per_modality must be at least 1, got {embedded_ood_per_modality!r}")
         FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
-        default_sizes = EMBEDDED_SPLIT_SIZES if data_path == EMBEDDED else DEFAULT_SPLIT_SIZES
+        default_sizes = {EMBEDDED: EMBEDDED_SPLIT_SIZES, EMBEDDED_OOD: EMBEDDED_OOD_SPLIT_SIZES}.get(
+            data_path, DEFAULT_SPLIT_SIZES
+        )
         self.split_sizes = normalise_sizes(split_sizes if split_sizes is not None else default_sizes)
         for role, name in (("train_split", train_split), ("test_split", test_split), ("predict_split", predict_split)):
             if name not in self.split_sizes:
@@ -151,11 +165,19 @@ class VQADataModule(LightningDataModule):
         return self.hparams.val_split is not None and self.hparams.val_split in self.split_sizes
 
     def records_path(self) -> str:
-        """The records file (or dataset folder) to read; generates the embedded set on first use."""
-        if self.hparams.data_path == EMBEDDED:
-            root = self.hparams.embedded_root or os.path.join(self.hparams.split_dir, EMBEDDED)
-            return str(Path(ensure_embedded_dataset(root, self.hparams.seed, self.hparams.embedded_records)).resolve())
-        return str(Path(self.hparams.data_path).resolve())
+        """The records file, dataset folder or pattern to read; generates an embedded set on first use.
+
+        The OOD set lists its options in the same fixed order as the embedded default, so a letter
+        means the same position to a model trained on the default."""
+        h = self.hparams
+        if h.data_path == EMBEDDED:
+            root = h.embedded_root or os.path.join(h.split_dir, EMBEDDED)
+            return str(Path(ensure_embedded_dataset(root, h.seed, h.embedded_records)).resolve())
+        if h.data_path == EMBEDDED_OOD:
+            root = h.embedded_root or os.path.join(h.split_dir, EMBEDDED_OOD)
+            path = ensure_ood_dataset(root, h.seed, h.embedded_ood_per_modality, option_order="fixed")
+            return str(Path(path).resolve())
+        return str(Path(h.data_path).resolve())
 
     def _asked(self, records_path: str) -> SplitManifest:
         return SplitManifest(source=records_path, seed=self.hparams.seed, sizes=self.split_sizes)

@@ -7,7 +7,9 @@ of each record field, and a record style says how to read those columns, so a ne
 mapping, not a new loader. Files are read with the ``datasets`` library (JSON, JSON lines,
 parquet, or a folder written by ``save_to_disk``), which also decodes embedded image bytes; such
 images are written once to ``image_dir`` (named by content hash) so that every record points at a
-file, splits can group questions by image path, and workers can reopen them.
+file, splits can group questions by image path, and workers can reopen them. A release split over
+many files (OmniMedVQA's ``QA_information/Open-access/<dataset>.json``) is read from its folder or
+a glob pattern, file by file in sorted order, so every message names the file it is about.
 
 Every record goes through the checks of :mod:`pathvlm_lightning.data.validation`.
 """
@@ -22,7 +24,7 @@ import os
 import re
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -30,20 +32,24 @@ import datasets
 from PIL import Image
 
 from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.data.sources import default_image_root, read_file, source_files
+from pathvlm_lightning.data.sources import read_table  # noqa: F401  (re-exported: its home before sources.py)
 from pathvlm_lightning.data.validation import (
+    MIN_OPTIONS,
     DataValidationError,
     InvalidRecord,
     RecordPolicy,
     ValidationReport,
+    check_on_invalid,
     check_record,
-    check_unique_id,
 )
 
 log = logging.getLogger(__name__)
 
-RecordStyle = Literal["pathmmu", "vlm_r1"]
-RECORD_STYLES: tuple[str, ...] = ("pathmmu", "vlm_r1")
+RecordStyle = Literal["pathmmu", "vlm_r1", "omnimedvqa"]
+RECORD_STYLES: tuple[str, ...] = ("pathmmu", "vlm_r1", "omnimedvqa")
 OPTION_LETTERS = string.ascii_uppercase
+OMNIMEDVQA_OPTION_COLUMNS = ["option_A", "option_B", "option_C", "option_D"]
 
 # "A) text", "(A) text", "A. text", "A: text"
 _LABELLED = re.compile(r"^\s*\(?([A-Za-z])[\)\.:]\s*(.*?)\s*$", re.DOTALL)
@@ -59,9 +65,11 @@ class FieldMap:
 
     ``options`` is one column (a dict letter -> text, a list of texts, or lines ``A) text``) or a
     list of columns, one per letter in order (OmniMedVQA's ``option_A`` .. ``option_D``; empty
-    ones are left out). Without an ``id`` column, ids are ``<file stem>-<row>``. Missing
-    ``explanation``/``subset``/``modality`` columns give empty strings; ``extra`` (a dict, e.g.
-    the synthetic set's drawing spec) is carried into ``VQARecord.extra`` when present.
+    ones are left out; with record style ``omnimedvqa`` only the first two columns must exist, as
+    a file whose questions all have two or three options has no ``option_D`` at all). Without an
+    ``id`` column, ids are ``<file stem>-<row>``. Missing ``explanation``/``subset``/``modality``
+    columns give empty strings; ``extra`` (a dict, e.g. the synthetic set's drawing spec) is
+    carried into ``VQARecord.extra`` when present.
     """
 
     id: str | None = "id"
@@ -79,12 +87,31 @@ class FieldMap:
         """The default mapping of ``style`` with ``overrides`` (field -> column) applied."""
         if style not in RECORD_STYLES:
             raise ValueError(f"record_style must be one of {RECORD_STYLES}, got {style!r}")
-        base = cls() if style == "pathmmu" else cls(question="problem", answer="solution", options=None, explanation=None)
+        base = cls(**_STYLE_DEFAULTS[style])
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides or {}) - known)
         if unknown:
             raise ValueError(f"field_map has unknown fields {unknown}; known fields are {sorted(known)}")
         return replace(base, **dict(overrides or {}))
+
+
+#: Each style's columns where they differ from the PathMMU-style defaults of :class:`FieldMap`.
+_STYLE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pathmmu": {},
+    "vlm_r1": dict(question="problem", answer="solution", options=None, explanation=None),
+    # OmniMedVQA: ``gt_answer`` is the option TEXT; ``question_type`` (e.g. "Disease Diagnosis")
+    # plays the role of the subset, ``modality_type`` (e.g. "CT(Computed Tomography)") the modality.
+    "omnimedvqa": dict(
+        id="question_id",
+        image="image_path",
+        options=list(OMNIMEDVQA_OPTION_COLUMNS),
+        answer="gt_answer",
+        explanation=None,
+        subset="question_type",
+        modality="modality_type",
+        extra=None,
+    ),
+}
 
 
 class LoadResult(NamedTuple):
@@ -127,6 +154,16 @@ def parse_options(value: Any) -> dict[str, str]:
             raise InvalidRecord("bad_options", f"has {len(texts)} options; at most {len(OPTION_LETTERS)} supported")
         return dict(zip(OPTION_LETTERS, texts))
     raise InvalidRecord("bad_options", f"options {value!r} are neither a dict, a list nor text")
+
+
+def parse_option_lines(lines: list[str], original: str | None = None) -> dict[str, str]:
+    """Lines ``A) text`` (or ``(A) text``, ``A. text``, ``A: text``) -> ``{"A": text, ...}``; a line
+    of another form or a letter given twice raises :class:`InvalidRecord` (``bad_options``).
+
+    >>> parse_option_lines(["A) red", "(b) blue"])
+    {'A': 'red', 'B': 'blue'}
+    """
+    return _parse_option_lines(lines, "\n".join(lines) if original is None else original)
 
 
 def _parse_option_lines(lines: list[str], original: str) -> dict[str, str]:
@@ -205,28 +242,6 @@ def split_vlm_r1_solution(solution: str) -> tuple[str, str]:
     return explanation, (answer.group(1) if answer else solution).strip()
 
 
-def read_table(path: str | os.PathLike) -> datasets.Dataset:
-    """One ``datasets.Dataset`` from a .json/.jsonl/.parquet file or a ``save_to_disk`` folder."""
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"data path {str(file)!r} does not exist")
-    if file.is_dir():
-        table = datasets.load_from_disk(str(file))
-        if isinstance(table, datasets.DatasetDict):
-            if len(table) != 1:
-                raise ValueError(
-                    f"{file} holds the splits {sorted(table)}; point data_path at one of them, e.g. {file / next(iter(table))}"
-                )
-            table = next(iter(table.values()))
-        return table
-    suffix = file.suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        return datasets.load_dataset("json", data_files=str(file), split="train")
-    if suffix == ".parquet":
-        return datasets.load_dataset("parquet", data_files=str(file), split="train")
-    raise ValueError(f"data file {str(file)!r}: expected .json, .jsonl, .parquet or a saved dataset folder")
-
-
 def load_records(
     path: str | os.PathLike,
     style: str = "pathmmu",
@@ -237,62 +252,99 @@ def load_records(
     on_invalid: str = "error",
     check_images: bool = True,
 ) -> LoadResult:
-    """Read, convert and check every row of ``path``.
+    """Read, convert and check every row of ``path`` (a file, a saved dataset, a folder of files or
+    a glob pattern: see :func:`source_files`); ids must be unique across all its files.
 
-    Relative image paths are taken from ``image_root`` (default: the folder of the data file, or
-    the dataset folder itself). Embedded images (bytes or decoded PIL images) are written to
-    ``image_dir``, which is then required. A required column that is missing altogether is a
-    mapping mistake and raises at once, whatever ``on_invalid`` says.
+    Relative image paths are taken from ``image_root`` (default: :func:`default_image_root`).
+    Embedded images (bytes or decoded PIL images) are written to ``image_dir``, which is then
+    required. A required column that is missing altogether is a mapping mistake and raises at
+    once, whatever ``on_invalid`` says; so does an ``omnimedvqa`` .json file that is not a list.
+    Messages about a record name the file it came from.
     """
-    source = str(Path(path).resolve())
     if not isinstance(field_map, FieldMap):
         field_map = FieldMap.for_style(style, field_map)
     elif style not in RECORD_STYLES:
         raise ValueError(f"record_style must be one of {RECORD_STYLES}, got {style!r}")
-    table = read_table(path)
-    _check_columns(table, field_map, style, source)
-    image_column = field_map.image
-    if isinstance(table.features.get(image_column), datasets.Image):
-        table = table.cast_column(image_column, datasets.Image(decode=False))
-    root = Path(image_root) if image_root is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
-    converter = _RowConverter(
-        field_map=field_map,
-        style=style,
-        columns=set(table.column_names),
-        image_root=root.resolve(),
-        image_dir=Path(image_dir) if image_dir is not None else None,
-        id_prefix=Path(path).stem,
-    )
-    policy = RecordPolicy(source, on_invalid)
-    records: list[VQARecord] = []
-    first_row: dict[str, int] = {}
-    readable_images: set[str] = set()  # an image shared by several questions is decoded once
-    for row_index, row in enumerate(table):
-        policy.report.seen += 1
-        record_id = converter.record_id(row, row_index)
-        try:
-            record = converter.convert(row, record_id)
-            check_record(record, check_images and record.image not in readable_images)
-            readable_images.add(record.image)
-            check_unique_id(record.id, row_index, first_row)
-        except InvalidRecord as problem:
-            policy.handle(problem, record_id, row_index)
+    check_on_invalid(on_invalid)
+    files = source_files(path)
+    root = Path(image_root).resolve() if image_root is not None else default_image_root(path, style)
+    report = ValidationReport(source=str(Path(path).resolve()))
+    state = _LoadState(check_images=check_images)
+    for file in files:
+        table = read_file(file, require_list=style == "omnimedvqa")
+        if len(files) > 1 and len(table) == 0:
+            log.warning("%s holds no records", file)
             continue
-        records.append(record)
-    policy.report.kept = len(records)
-    if policy.report.num_skipped:
-        log.warning("%s", policy.report.summary())
-    if not records:
-        raise DataValidationError(f"no usable records: {policy.report.summary()}", "empty_split")
-    return LoadResult(records, policy.report)
+        converter = _RowConverter(
+            field_map=field_map,
+            style=style,
+            columns=set(table.column_names),
+            image_root=root,
+            image_dir=Path(image_dir) if image_dir is not None else None,
+            id_prefix=file.stem,
+        )
+        file_report = state.load(table, converter, RecordPolicy(str(file.resolve()), on_invalid))
+        report.seen += file_report.seen
+        report.skipped.update(file_report.skipped)
+        report.messages.extend(file_report.messages)
+    report.kept = len(state.records)
+    if report.num_skipped:
+        log.warning("%s", report.summary())
+    if not state.records:
+        raise DataValidationError(f"no usable records: {report.summary()}", "empty_split")
+    return LoadResult(state.records, report)
+
+
+@dataclass
+class _LoadState:
+    """What persists across the files of one source: the records so far, where each id was first
+    seen (ids are unique across files), and the images already checked (a shared image is decoded once)."""
+
+    check_images: bool
+    records: list[VQARecord] = field(default_factory=list)
+    first_seen: dict[str, tuple[str, int]] = field(default_factory=dict)
+    readable_images: set[str] = field(default_factory=set)
+
+    def load(self, table: datasets.Dataset, converter: _RowConverter, policy: RecordPolicy) -> ValidationReport:
+        source = policy.report.source
+        _check_columns(table, converter.field_map, converter.style, source)
+        image_column = converter.field_map.image
+        if isinstance(table.features.get(image_column), datasets.Image):
+            table = table.cast_column(image_column, datasets.Image(decode=False))
+        for row_index, row in enumerate(table):
+            policy.report.seen += 1
+            record_id = converter.record_id(row, row_index)
+            try:
+                record = converter.convert(row, record_id)
+                check_record(record, self.check_images and record.image not in self.readable_images)
+                self.readable_images.add(record.image)
+                self._check_unique(record.id, source, row_index)
+            except InvalidRecord as problem:
+                policy.handle(problem, record_id, row_index)
+                continue
+            self.records.append(record)
+        policy.report.kept = policy.report.seen - policy.report.num_skipped
+        return policy.report
+
+    def _check_unique(self, record_id: str, source: str, row: int) -> None:
+        if record_id in self.first_seen:
+            first_source, first_row = self.first_seen[record_id]
+            where = f"row {first_row}" if first_source == source else f"row {first_row} of {first_source}"
+            raise InvalidRecord("duplicate_id", f"duplicate id {record_id!r} (first seen at {where})")
+        self.first_seen[record_id] = (source, row)
 
 
 def _check_columns(table: datasets.Dataset, field_map: FieldMap, style: str, source: str) -> None:
     required = [field_map.image, field_map.question, field_map.answer]
-    if style == "pathmmu":
+    if style != "vlm_r1":
         if field_map.options is None:
-            raise ValueError("record_style 'pathmmu' needs an options column in field_map")
-        required += [field_map.options] if isinstance(field_map.options, str) else list(field_map.options)
+            raise ValueError(f"record_style {style!r} needs an options column in field_map")
+        if isinstance(field_map.options, str):
+            required.append(field_map.options)
+        elif style == "omnimedvqa":  # later option columns may be absent from a whole file
+            required += list(field_map.options[:MIN_OPTIONS])
+        else:
+            required += list(field_map.options)
     missing = [column for column in required if column not in table.column_names]
     if missing:
         raise DataValidationError(
@@ -364,7 +416,7 @@ class _RowConverter:
         column = self.field_map.options
         if isinstance(column, str):
             return row[column]
-        return [row[c] for c in column]  # type: ignore[union-attr]
+        return [row[c] for c in column if c in self.columns]  # type: ignore[union-attr]
 
     def _image_path(self, value: Any) -> str:
         """A file path for the image cell: a path (relative to ``image_root``), bytes, or a PIL image."""

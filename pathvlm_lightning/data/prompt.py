@@ -49,5 +49,6 @@ def build_messages(record: VQARecord, template: str = PROMPT_TEMPLATE) -> list[d
 
 
 def sft_target(record: VQARecord) -> str:
-    """What the model should answer during SFT: ``<think>{explanation}</think><answer>B) text</answer>``."""
-    return f"<think>{record.explanation}</think><answer>{record.reference}</answer>"
+    """What the model should answer during SFT: ``<think>{explanation}</think><answer>B) text</answer>``,
+    or the record's own teacher demonstration when it carries one (see ``VQARecord.demonstration``)."""
+    return record.demonstration

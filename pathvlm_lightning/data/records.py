@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LETTERS = ("A", "B", "C", "D")
+#: ``extra`` key of a teacher-written SFT target (``<think>..</think><answer>..</answer>``) that may
+#: differ from the gold answer, as GPT-written chains of thought sometimes do.
+DEMONSTRATION_KEY = "demonstration"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,16 @@ class VQARecord:
     def reference(self) -> str:
         """The reference answer as the model must write it: ``B) option text``."""
         return f"{self.answer}) {self.answer_text}"
+
+    @property
+    def demonstration(self) -> str:
+        """What SFT imitates: the record's teacher demonstration (``extra["demonstration"]``) when it
+        has one, else ``<think>{explanation}</think><answer>{reference}</answer>``. Rewards and
+        evaluation never read it: they grade against ``answer``."""
+        written = self.extra.get(DEMONSTRATION_KEY)
+        if written:
+            return str(written)
+        return f"<think>{self.explanation}</think><answer>{self.reference}</answer>"
 
     def to(self, *args: Any, **kwargs: Any) -> VQARecord:
         """Return ``self``: a record has no tensors to move.

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pathvlm_lightning.data.records import LETTERS, VQARecord
+from pathvlm_lightning.data.records import DEMONSTRATION_KEY, LETTERS, VQARecord
 from pathvlm_lightning.data.synthetic_tiles import (
     CT_LESION_GRADES,
     DENSITY_GRADES,
@@ -53,7 +53,7 @@ from pathvlm_lightning.data.synthetic_tiles import (
 #: option text agreed in ~25-29% of its answers, chance level, while the option text was right in 48%),
 #: which left accuracy below chance and gave RL nothing but noise to work on.
 OptionOrder = Literal["shuffled", "fixed"]
-EMBEDDED_VERSION = "embedded-v1"  # bump when the drawing or the questions change: cached folders are keyed by it
+EMBEDDED_VERSION = "embedded-v2"  # bump when the drawing or the questions change: cached folders are keyed by it
 TARGET_LETTER_KEY = "target_letter"
 GRADE_LABELS = ("benign-appearing", "hyperplastic", "atypical", "high-grade")
 
@@ -99,6 +99,55 @@ _GRADE_RULES = (
 def _grade_index(spec: TileSpec) -> int:
     """Two binary features: enlarged = large or very large; crowded = dense or very dense."""
     return 2 * (spec.size_grade >= 2) + (spec.density_grade >= 2)
+
+
+#: The teacher's outdated criterion for the two mixed cases: it swaps hyperplasia and atypia (the
+#: crowded-not-enlarged and enlarged-not-crowded pictures), as an older grading scheme would.
+_OUTDATED_GRADE = {1: 2, 2: 1}
+_OUTDATED_RULES = {
+    1: "Crowded nuclei that are not enlarged suggest atypia",
+    2: "Enlarged nuclei that are not crowded suggest hyperplasia",
+}
+#: The embedded default's teacher applies the outdated criterion to this fraction of the mixed cases.
+EMBEDDED_TEACHER_ERROR_RATE = 0.7
+
+
+def _teacher_grade_demonstration(spec: TileSpec, options: dict[str, str]) -> str:
+    """A teacher demonstration that sees size and density right but grades with the outdated rule."""
+    size, density = SIZE_GRADES[spec.size_grade], DENSITY_GRADES[spec.density_grade]
+    enlarged = "enlarged" if spec.size_grade >= 2 else "not enlarged"
+    crowded = "crowded" if spec.density_grade >= 2 else "not crowded"
+    graded = GRADE_LABELS[_OUTDATED_GRADE[_grade_index(spec)]]
+    letter = next(letter for letter, text in options.items() if text == graded)
+    think = (
+        f"The nuclei are {size}, so {enlarged}, and {density}, so {crowded}. "
+        f"{_OUTDATED_RULES[_grade_index(spec)]}, so the answer is {graded}."
+    )
+    return f"<think>{think}</think><answer>{letter}) {graded}</answer>"
+
+
+def add_teacher_errors(records: list[dict], rate: float, seed: int) -> list[dict]:
+    """Give ``rate`` of the hyperplastic/atypical grade records a teacher demonstration with the
+    outdated criterion (``extra["demonstration"]``, ``extra["teacher_error"] = True``).
+
+    ``answer`` and ``explanation`` stay right: evaluation, rewards and GRPO grade against the gold
+    answer, only SFT imitates the demonstration. This is the signal RL can use and SFT cannot: in a
+    real pipeline the chains of thought come from a teacher model that is sometimes systematically
+    wrong, while the gold labels are right. Whether a record is hit depends only on ``(seed, id)``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"add_teacher_errors: rate must be in [0, 1], got {rate!r}")
+    for record in records:
+        spec = record["extra"].get("spec")
+        if record["subset"] != "grade" or spec is None:
+            continue
+        tile = TileSpec(**spec)
+        if _grade_index(tile) not in _OUTDATED_GRADE:
+            continue
+        if np.random.default_rng([seed, 7, zlib.crc32(record["id"].encode())]).random() < rate:
+            record["extra"][DEMONSTRATION_KEY] = _teacher_grade_demonstration(tile, record["options"])
+            record["extra"]["teacher_error"] = True
+    return records
 
 
 def _explain_grade(spec: TileSpec, answer: str) -> str:
@@ -161,6 +210,7 @@ def generate_dataset(
     seed: int,
     share_fraction: float = 0.3,
     option_order: OptionOrder = "shuffled",
+    teacher_error_rate: float = 0.0,
 ) -> Path:
     """Write ``num_records`` tile questions and their PNGs into ``out_dir``; return its ``records.jsonl``.
 
@@ -190,7 +240,7 @@ def generate_dataset(
                 )
             )
         tile += 1
-    return _write_records(out, records)
+    return _write_records(out, add_teacher_errors(records, teacher_error_rate, seed))
 
 
 _SPOTS_SEEN = ("no", "two to four", "six to nine", "over a dozen")
@@ -261,12 +311,25 @@ def generate_ood_dataset(
 
 
 def ensure_embedded_dataset(
-    root: str | os.PathLike, seed: int = 0, num_records: int = 6000, option_order: OptionOrder = "fixed"
+    root: str | os.PathLike,
+    seed: int = 0,
+    num_records: int = 6000,
+    option_order: OptionOrder = "fixed",
+    teacher_error_rate: float = EMBEDDED_TEACHER_ERROR_RATE,
 ) -> str:
-    """Path of ``<root>/embedded-v1-{option_order}-seed{seed}-n{num_records}/records.jsonl``, generated
-    on first use. The embedded default lists options in a fixed order (see ``OptionOrder``)."""
-    folder = Path(root) / f"{EMBEDDED_VERSION}-{option_order}-seed{seed}-n{num_records}"
-    return str(_ensure(folder, lambda tmp: generate_dataset(tmp, num_records, seed, option_order=option_order)))
+    """Path of ``<root>/embedded-v2-{option_order}-t{rate}-seed{seed}-n{num_records}/records.jsonl``,
+    generated on first use. The embedded default lists options in a fixed order (see ``OptionOrder``)
+    and its teacher demonstrations grade 70% of the mixed cases with an outdated rule (see
+    :func:`add_teacher_errors`)."""
+    folder = Path(root) / f"{EMBEDDED_VERSION}-{option_order}-t{teacher_error_rate:g}-seed{seed}-n{num_records}"
+    return str(
+        _ensure(
+            folder,
+            lambda tmp: generate_dataset(
+                tmp, num_records, seed, option_order=option_order, teacher_error_rate=teacher_error_rate
+            ),
+        )
+    )
 
 
 def ensure_ood_dataset(

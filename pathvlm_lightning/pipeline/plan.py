@@ -1,0 +1,175 @@
+"""A pipeline plan: which stages to train, from which stage each starts, and what to compare.
+
+A plan is a small YAML file (``configs/demo/pipeline.yaml``, ``configs/pipeline.yaml``). Each stage
+names the LightningCLI config that trains it; everything else the runner needs (where the stage
+exports its model, where its checkpoints and TensorBoard logs go, which model it starts from) is read
+from that config, so the plan cannot drift from the configs a user also runs by hand. ``needs`` names
+the stage whose export the config must start from; the plan refuses a config that starts elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class PlanError(ValueError):
+    """A plan or a stage config that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class StageConfigInfo:
+    """What the runner reads from a stage's LightningCLI config."""
+
+    kind: str  # "sft" or "grpo"
+    start_model: str  # model.init_args.backbone.init_args.model
+    export_dir: str | None  # ExportCallback dirpath
+    checkpoint_dir: str | None  # ModelCheckpoint dirpath
+    tensorboard_dir: str | None  # TensorBoardLogger save_dir/name
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: str
+    description: str = ""
+    needs: str | None = None  # the stage whose export this one starts from
+    train: bool = True  # False: evaluate the config's starting model as is (the "base" row)
+    info: StageConfigInfo | None = None
+
+    def config_digest(self) -> str:
+        """sha256 of the config file's bytes: a changed config makes the stage's outputs stale."""
+        return hashlib.sha256(Path(self.config).read_bytes()).hexdigest()
+
+    @property
+    def evaluated_model(self) -> str:
+        """The folder (or model name) evaluated for this stage."""
+        assert self.info is not None
+        if not self.train:
+            return self.info.start_model
+        assert self.info.export_dir is not None
+        return self.info.export_dir
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: dict[str, Stage]  # in run order
+    out_dir: str
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
+    ood_overrides: list[str] = field(default_factory=list)  # CLI arguments that point a test run at the OOD set
+    eval_overrides: list[str] = field(default_factory=list)  # CLI arguments added to every evaluation run
+    num_resamples: int = 10000
+    seed: int = 0
+    source: str = ""
+
+    def select(self, names: list[str] | None) -> list[Stage]:
+        """The chosen stages (all when ``names`` is empty) in plan order; unknown names are an error."""
+        if not names:
+            return list(self.stages.values())
+        unknown = [n for n in names if n not in self.stages]
+        if unknown:
+            raise PlanError(f"{self.source}: unknown stage(s) {unknown}; the plan has {list(self.stages)}")
+        return [stage for name, stage in self.stages.items() if name in names]
+
+
+def read_stage_config(path: str) -> StageConfigInfo:
+    """Pull kind, start model and output folders out of a LightningCLI stage config."""
+    file = Path(path)
+    if not file.is_file():
+        raise PlanError(f"stage config {path!r} does not exist")
+    config = yaml.safe_load(file.read_text()) or {}
+    model = config.get("model") or {}
+    class_path = str(model.get("class_path", ""))
+    if class_path.endswith("GRPOModule"):
+        kind = "grpo"
+    elif class_path.endswith("SFTModule"):
+        kind = "sft"
+    else:
+        raise PlanError(f"{path}: model.class_path {class_path!r} is neither SFTModule nor GRPOModule")
+    backbone = (model.get("init_args") or {}).get("backbone") or {}
+    start_model = (backbone.get("init_args") or {}).get("model")
+    if not start_model:
+        raise PlanError(f"{path}: model.init_args.backbone.init_args.model is not set")
+    trainer = config.get("trainer") or {}
+    export_dir = checkpoint_dir = None
+    for callback in trainer.get("callbacks") or []:
+        name = str(callback.get("class_path", "")) if isinstance(callback, Mapping) else ""
+        args = callback.get("init_args") or {} if isinstance(callback, Mapping) else {}
+        if name.endswith("ExportCallback"):
+            export_dir = args.get("dirpath")
+        elif name.endswith("ModelCheckpoint"):
+            checkpoint_dir = args.get("dirpath")
+    logger = trainer.get("logger")
+    tensorboard_dir = None
+    if isinstance(logger, Mapping) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        args = logger.get("init_args") or {}
+        if args.get("save_dir"):
+            tensorboard_dir = str(Path(args["save_dir"]) / str(args.get("name") or "lightning_logs"))
+    return StageConfigInfo(kind, str(start_model), export_dir, checkpoint_dir, tensorboard_dir)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan file: stage names, configs, ``needs`` wiring, comparisons."""
+    source = str(path)
+    if not Path(path).is_file():
+        raise PlanError(f"plan file {source!r} does not exist")
+    raw: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = sorted(set(raw) - {"out_dir", "stages", "comparisons", "ood_overrides", "eval_overrides", "num_resamples", "seed"})
+    if unknown:
+        raise PlanError(f"{source}: unknown key(s) {unknown}")
+    if not isinstance(raw.get("stages"), Mapping) or not raw["stages"]:
+        raise PlanError(f"{source}: 'stages' must map stage names to {{config, needs, description}}")
+    stages: dict[str, Stage] = {}
+    for name, spec in raw["stages"].items():
+        if not isinstance(spec, Mapping) or "config" not in spec:
+            raise PlanError(f"{source}: stage {name!r} needs a 'config'")
+        extra = sorted(set(spec) - {"config", "description", "needs", "train"})
+        if extra:
+            raise PlanError(f"{source}: stage {name!r} has unknown key(s) {extra}")
+        needs = spec.get("needs")
+        if needs is not None and needs not in stages:
+            raise PlanError(
+                f"{source}: stage {name!r} needs {needs!r}, which is not defined before it (stages run in file order)"
+            )
+        info = read_stage_config(spec["config"])
+        stage = Stage(
+            name=str(name),
+            config=str(spec["config"]),
+            description=str(spec.get("description", "")),
+            needs=needs,
+            train=bool(spec.get("train", True)),
+            info=info,
+        )
+        if stage.train and not info.export_dir:
+            raise PlanError(f"{source}: stage {name!r}: {stage.config} has no ExportCallback, so no model to evaluate")
+        if needs is not None:
+            upstream = stages[needs]
+            if Path(info.start_model) != Path(upstream.evaluated_model):
+                raise PlanError(
+                    f"{source}: stage {name!r} needs {needs!r}, but {stage.config} starts from {info.start_model!r}, "
+                    f"not from {needs}'s model {upstream.evaluated_model!r}"
+                )
+        stages[stage.name] = stage
+    comparisons = []
+    for pair in raw.get("comparisons") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise PlanError(f"{source}: each comparison is a pair [a, b], got {pair!r}")
+        missing = [s for s in pair if s not in stages]
+        if missing:
+            raise PlanError(f"{source}: comparison {list(pair)} names unknown stage(s) {missing}")
+        comparisons.append((str(pair[0]), str(pair[1])))
+    return Plan(
+        stages=stages,
+        out_dir=str(raw.get("out_dir", "runs/pipeline")),
+        comparisons=comparisons,
+        ood_overrides=[str(a) for a in raw.get("ood_overrides") or []],
+        eval_overrides=[str(a) for a in raw.get("eval_overrides") or []],
+        num_resamples=int(raw.get("num_resamples", 10000)),
+        seed=int(raw.get("seed", 0)),
+        source=source,
+    )
