@@ -201,4 +201,4 @@ def test_shipped_plans_load_with_every_stage_wired_to_its_upstream(plan, monkeyp
     assert list(loaded.stages) == ["base", "alpha", "beta", "r1", "gamma", "delta", "epsilon"]
     assert [s.info.kind for s in loaded.stages.values()] == ["sft", "sft", "grpo", "grpo", "sft", "sft", "grpo"]
     assert ("beta", "alpha") in loaded.comparisons and ("beta", "gamma") in loaded.comparisons
-    assert f"python -m pathvlm_lightning.pipeline --plan {plan}" in Path(plan).read_text()
+    assert f"python -m pathvlm_lightning pipeline --plan {plan}" in Path(plan).read_text()

@@ -199,12 +199,12 @@ def test_corrupt_letters_changes_only_the_demonstration_letter(dataset):
 
 def test_ensure_generates_once_and_then_reuses(tmp_path, monkeypatch):
     path = Path(ensure_embedded_dataset(tmp_path, seed=1, num_records=6))
-    assert path == tmp_path / "embedded-v2-fixed-t0.7-seed1-n6" / "records.jsonl" and len(_read(path)) == 6
+    assert path == tmp_path / "embedded-v3-fixed-t0-v0.6-seed1-n6" / "records.jsonl" and len(_read(path)) == 6
     monkeypatch.setattr(synthetic, "generate_dataset", lambda *a, **k: pytest.fail("regenerated"))
     assert ensure_embedded_dataset(tmp_path, seed=1, num_records=6) == str(path)
     ood_path = Path(ensure_ood_dataset(tmp_path, seed=1, per_modality=2))
     assert ood_path.parent.name == "ood-v1-fixed-seed1-n2" and len(_read(ood_path)) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-v2-fixed-t0.7-seed1-n6", "ood-v1-fixed-seed1-n2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-v3-fixed-t0-v0.6-seed1-n6", "ood-v1-fixed-seed1-n2"]
 
 
 def test_a_crash_during_generation_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -220,7 +220,7 @@ def test_a_crash_during_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_a_process_that_finishes_first_wins_the_race(tmp_path, monkeypatch):
-    final = tmp_path / "embedded-v2-fixed-t0.7-seed0-n5"
+    final = tmp_path / "embedded-v3-fixed-t0-v0.6-seed0-n5"
 
     def slower(out_dir, *args, **kwargs):
         final.mkdir()  # another process renamed its finished dataset into place meanwhile
@@ -233,8 +233,8 @@ def test_a_process_that_finishes_first_wins_the_race(tmp_path, monkeypatch):
 
 
 def test_a_foreign_folder_in_the_way_is_reported(tmp_path):
-    (tmp_path / "embedded-v2-fixed-t0.7-seed0-n5" / "notes").mkdir(parents=True)
-    with pytest.raises(OSError, match="embedded-v2-fixed-t0.7-seed0-n5"):
+    (tmp_path / "embedded-v3-fixed-t0-v0.6-seed0-n5" / "notes").mkdir(parents=True)
+    with pytest.raises(OSError, match="embedded-v3-fixed-t0-v0.6-seed0-n5"):
         ensure_embedded_dataset(tmp_path, seed=0, num_records=5)
 
 
@@ -257,3 +257,79 @@ def test_fixed_option_order_changes_only_the_letters(tmp_path):
         assert list(f["options"].values()) == list(question.classes)  # the classes' own order, A first
     assert (tmp_path / "s" / "images" / "000000.png").read_bytes() == (tmp_path / "f" / "images" / "000000.png").read_bytes()
     assert any(list(s["options"].values()) != list(f["options"].values()) for s, f in zip(shuffled, fixed))
+
+
+def _grade_records(tmp_path: Path, rate: float) -> list[dict]:
+    path = synthetic.generate_dataset(tmp_path / f"r{rate}", 160, seed=3, option_order="fixed", teacher_error_rate=rate)
+    return _read(path)
+
+
+def test_teacher_errors_hit_only_hyperplastic_and_high_grade_with_the_enlargement_rule(tmp_path):
+    clean, noisy = _grade_records(tmp_path, 0.0), _grade_records(tmp_path, 1.0)
+    assert [r["answer"] for r in clean] == [r["answer"] for r in noisy]  # gold answers never change
+    assert [r["explanation"] for r in clean] == [r["explanation"] for r in noisy]
+    assert not any("demonstration" in r["extra"] for r in clean)
+    hit = [r for r in noisy if r["extra"].get("teacher_error")]
+    expected = [r for r in noisy if r["subset"] == "grade" and r["options"][r["answer"]] in ("hyperplastic", "high-grade")]
+    assert hit == expected and len(hit) > 3
+    for r in hit:
+        demo = r["extra"]["demonstration"]
+        if r["options"][r["answer"]] == "high-grade":  # enlarged and crowded, graded by enlargement alone
+            assert ", so enlarged" in demo and ", so crowded" in demo
+            assert demo.endswith("Enlarged nuclei indicate atypia, so the answer is atypical.</think><answer>C) atypical</answer>")
+        else:  # crowded but not enlarged
+            assert "so not enlarged" in demo and ", so crowded" in demo
+            assert demo.endswith("look benign, so the answer is benign-appearing.</think><answer>A) benign-appearing</answer>")
+        record = VQARecord(**{k: v for k, v in r.items()})
+        assert record.demonstration == demo and record.reference != demo.split("<answer>")[1][:-9]
+
+
+def test_teacher_error_rate_is_a_per_record_draw_and_validated(tmp_path):
+    hit = [r["id"] for r in _grade_records(tmp_path, 0.6) if r["extra"].get("teacher_error")]
+    eligible = [r["id"] for r in _grade_records(tmp_path, 1.0) if r["extra"].get("teacher_error")]
+    assert set(hit) < set(eligible) and 0.3 < len(hit) / len(eligible) < 0.9
+    assert hit == [r["id"] for r in _grade_records(tmp_path / "again", 0.6) if r["extra"].get("teacher_error")]
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\]"):
+        synthetic.add_teacher_errors([], 1.5, seed=0)
+
+
+def test_sft_target_imitates_the_demonstration_but_rewards_grade_the_gold_answer(tmp_path):
+    from pathvlm_lightning.data.prompt import sft_target
+    from pathvlm_lightning.rewards.accuracy import accuracy_reward
+
+    (r,) = [r for r in _grade_records(tmp_path, 1.0) if r["extra"].get("teacher_error")][:1]
+    record = VQARecord(**r)
+    assert sft_target(record) == r["extra"]["demonstration"]
+    assert accuracy_reward(sft_target(record), record.answer, record.options) == 0.0
+    clean = VQARecord(**{**r, "extra": {}})
+    assert sft_target(clean) == f"<think>{clean.explanation}</think><answer>{clean.reference}</answer>"
+    assert accuracy_reward(sft_target(clean), clean.answer, clean.options) == 1.0
+
+
+def test_verbose_demonstrations_restate_the_question_only_on_grade_records(tmp_path):
+    path = synthetic.generate_dataset(tmp_path / "v", 160, seed=3, option_order="fixed", verbose_rate=1.0)
+    records = _read(path)
+    verbose = [r for r in records if r["extra"].get("teacher_verbose")]
+    assert verbose == [r for r in records if r["subset"] == "grade"] and verbose
+    for r in verbose:
+        demo = r["extra"]["demonstration"]
+        preface = demo[len("<think>") : demo.index(r["explanation"])]
+        # the preface restates the question and all four options, then the same reasoning and gold answer follow
+        assert preface.startswith("The question asks") and all(text in preface for text in r["options"].values())
+        assert demo == f"<think>{preface}{r['explanation']}</think><answer>{r['answer']}) {r['options'][r['answer']]}</answer>"
+        assert VQARecord(**r).demonstration.startswith("<think>The question asks which description fits the tile best")
+    none = _read(synthetic.generate_dataset(tmp_path / "n", 160, seed=3, option_order="fixed", verbose_rate=0.0))
+    assert not any("demonstration" in r["extra"] for r in none)
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\]"):
+        synthetic.add_verbose_demonstrations([], -0.1, seed=0)
+
+
+def test_a_verbose_grade_demonstration_does_not_fit_the_demo_budget_but_the_plain_one_does(tmp_path):
+    from pathvlm_lightning.backbone.tiny import build_tiny_processor
+
+    tokenizer = build_tiny_processor().tokenizer
+    (r,) = [r for r in _read(synthetic.generate_dataset(tmp_path, 40, seed=3, option_order="fixed", verbose_rate=1.0))
+            if r["extra"].get("teacher_verbose")][:1]
+    clean = f"<think>{r['explanation']}</think><answer>{r['answer']}) {r['options'][r['answer']]}</answer>"
+    budget = 64  # configs/demo/*: max_new_tokens and eval_max_new_tokens
+    assert len(tokenizer(clean).input_ids) < budget < len(tokenizer(r["extra"]["demonstration"]).input_ids)

@@ -1,8 +1,9 @@
-"""Commands beside LightningCLI's ``fit/validate/test/predict``: ``infer`` and ``export``.
+"""Commands beside LightningCLI's ``fit/validate/test/predict``: ``infer``, ``export``, ``pipeline``.
 
 ``python -m pathvlm_lightning infer ...`` answers one question with a trained model;
 ``python -m pathvlm_lightning export ...`` turns a stage's Lightning checkpoint into a folder plain
-transformers loads, with a model card. Each command module is imported only when it runs, so the
+transformers loads, with a model card; ``python -m pathvlm_lightning pipeline --plan ...`` runs a
+staged plan (:mod:`pathvlm_lightning.pipeline`). Each command module is imported only when it runs, so the
 LightningCLI path pays nothing for them.
 """
 
@@ -14,6 +15,7 @@ import importlib
 COMMANDS: dict[str, str] = {
     "infer": "pathvlm_lightning.commands.infer",
     "export": "pathvlm_lightning.commands.export",
+    "pipeline": "pathvlm_lightning.pipeline.__main__",
 }
 
 

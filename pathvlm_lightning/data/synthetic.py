@@ -11,7 +11,14 @@ Question types are chosen so a tiny model learns each only partly in a short SFT
 total dark area), and ``grade`` (hard: a label set by both size and density). About 30% of tiles carry
 two questions, so only image-grouped splits keep an image out of two segments.
 
-Records are clean. :func:`corrupt_letters` adds, for a chosen fraction of (training) records, a wrong
+Gold answers are always right; the SFT demonstrations, like chains of thought written by a teacher
+model, have habits. By default 60% of the grade demonstrations open by restating the question and its
+four options (:func:`add_verbose_demonstrations`): right, but too long for the demo's 64-token
+completion budget, so a model that copies the habit is cut off before its answer. SFT copies it;
+GRPO's format and accuracy rewards, scored under the same budget, can unlearn it. That is the signal
+RL has here and SFT on the same demonstrations lacks (see the README's "What the embedded default
+shows" for what it does and does not show). :func:`add_teacher_errors` (off by default) makes the
+teacher grade two cases with an outdated rule instead. :func:`corrupt_letters` adds, for a chosen fraction of (training) records, a wrong
 demonstration letter in ``extra["target_letter"]`` while the explanation and option text stay right,
 like GPT-written chains of thought whose letter disagrees with their option text: an SFT target built
 with :func:`demonstration_reference` copies that noise, a strict accuracy reward in GRPO corrects it.
@@ -53,7 +60,7 @@ from pathvlm_lightning.data.synthetic_tiles import (
 #: option text agreed in ~25-29% of its answers, chance level, while the option text was right in 48%),
 #: which left accuracy below chance and gave RL nothing but noise to work on.
 OptionOrder = Literal["shuffled", "fixed"]
-EMBEDDED_VERSION = "embedded-v2"  # bump when the drawing or the questions change: cached folders are keyed by it
+EMBEDDED_VERSION = "embedded-v3"  # bump when the drawing or the questions change: cached folders are keyed by it
 TARGET_LETTER_KEY = "target_letter"
 GRADE_LABELS = ("benign-appearing", "hyperplastic", "atypical", "high-grade")
 
@@ -101,15 +108,23 @@ def _grade_index(spec: TileSpec) -> int:
     return 2 * (spec.size_grade >= 2) + (spec.density_grade >= 2)
 
 
-#: The teacher's outdated criterion for the two mixed cases: it swaps hyperplasia and atypia (the
-#: crowded-not-enlarged and enlarged-not-crowded pictures), as an older grading scheme would.
-_OUTDATED_GRADE = {1: 2, 2: 1}
+#: The teacher's outdated criterion: it grades by nuclear enlargement alone, ignoring crowding, so the
+#: crowded-not-enlarged picture (hyperplastic) becomes benign-appearing and the enlarged-and-crowded one
+#: (high-grade) becomes atypical. The other two cases come out right under either rule.
+_OUTDATED_GRADE = {1: 0, 3: 2}
 _OUTDATED_RULES = {
-    1: "Crowded nuclei that are not enlarged suggest atypia",
-    2: "Enlarged nuclei that are not crowded suggest hyperplasia",
+    1: "Nuclei that are not enlarged look benign",
+    3: "Enlarged nuclei indicate atypia",
 }
-#: The embedded default's teacher applies the outdated criterion to this fraction of the mixed cases.
-EMBEDDED_TEACHER_ERROR_RATE = 0.7
+#: The embedded default's teacher applies the outdated criterion to this fraction of those cases (off:
+#: at the demo's GRPO budget the tiny policy did not unlearn it, so it only lowered every stage alike).
+EMBEDDED_TEACHER_ERROR_RATE = 0.0
+#: ... and opens this fraction of its grade chains by restating the question and all four options.
+EMBEDDED_VERBOSE_RATE = 0.6
+_GRADE_PREFACE = (
+    "The question asks which description fits the tile best, and the options are benign-appearing, "
+    "hyperplastic, atypical and high-grade, so nuclear size and crowding must both be judged first. "
+)
 
 
 def _teacher_grade_demonstration(spec: TileSpec, options: dict[str, str]) -> str:
@@ -127,7 +142,7 @@ def _teacher_grade_demonstration(spec: TileSpec, options: dict[str, str]) -> str
 
 
 def add_teacher_errors(records: list[dict], rate: float, seed: int) -> list[dict]:
-    """Give ``rate`` of the hyperplastic/atypical grade records a teacher demonstration with the
+    """Give ``rate`` of the hyperplastic and high-grade records a teacher demonstration with the
     outdated criterion (``extra["demonstration"]``, ``extra["teacher_error"] = True``).
 
     ``answer`` and ``explanation`` stay right: evaluation, rewards and GRPO grade against the gold
@@ -147,6 +162,31 @@ def add_teacher_errors(records: list[dict], rate: float, seed: int) -> list[dict
         if np.random.default_rng([seed, 7, zlib.crc32(record["id"].encode())]).random() < rate:
             record["extra"][DEMONSTRATION_KEY] = _teacher_grade_demonstration(tile, record["options"])
             record["extra"]["teacher_error"] = True
+    return records
+
+
+def add_verbose_demonstrations(records: list[dict], rate: float, seed: int) -> list[dict]:
+    """Give ``rate`` of the grade records a teacher demonstration that first restates the question
+    and its options (``extra["demonstration"]``, ``extra["teacher_verbose"] = True``).
+
+    The reasoning and the answer stay right; the chain is just long: about 88 tokens against 45, so
+    under the demo's 64-token completion budget it is cut before its ``<answer>``. SFT copies the
+    habit (greedy decoding follows the majority style), and the format and accuracy rewards, scored
+    under the same budget, teach GRPO to answer within it, as RL shortened the paper's outputs (base
+    210 tokens, Beta 80). Whether a record is hit depends only on ``(seed, id)``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"add_verbose_demonstrations: rate must be in [0, 1], got {rate!r}")
+    for record in records:
+        if record["subset"] != "grade":
+            continue
+        if np.random.default_rng([seed, 11, zlib.crc32(record["id"].encode())]).random() < rate:
+            written = record["extra"].get(DEMONSTRATION_KEY) or (
+                f"<think>{record['explanation']}</think>"
+                f"<answer>{record['answer']}) {record['options'][record['answer']]}</answer>"
+            )
+            record["extra"][DEMONSTRATION_KEY] = written.replace("<think>", "<think>" + _GRADE_PREFACE, 1)
+            record["extra"]["teacher_verbose"] = True
     return records
 
 
@@ -211,6 +251,7 @@ def generate_dataset(
     share_fraction: float = 0.3,
     option_order: OptionOrder = "shuffled",
     teacher_error_rate: float = 0.0,
+    verbose_rate: float = 0.0,
 ) -> Path:
     """Write ``num_records`` tile questions and their PNGs into ``out_dir``; return its ``records.jsonl``.
 
@@ -240,7 +281,8 @@ def generate_dataset(
                 )
             )
         tile += 1
-    return _write_records(out, add_teacher_errors(records, teacher_error_rate, seed))
+    records = add_teacher_errors(records, teacher_error_rate, seed)
+    return _write_records(out, add_verbose_demonstrations(records, verbose_rate, seed))
 
 
 _SPOTS_SEEN = ("no", "two to four", "six to nine", "over a dozen")
@@ -316,17 +358,25 @@ def ensure_embedded_dataset(
     num_records: int = 6000,
     option_order: OptionOrder = "fixed",
     teacher_error_rate: float = EMBEDDED_TEACHER_ERROR_RATE,
+    verbose_rate: float = EMBEDDED_VERBOSE_RATE,
 ) -> str:
-    """Path of ``<root>/embedded-v2-{option_order}-t{rate}-seed{seed}-n{num_records}/records.jsonl``,
-    generated on first use. The embedded default lists options in a fixed order (see ``OptionOrder``)
-    and its teacher demonstrations grade 70% of the mixed cases with an outdated rule (see
-    :func:`add_teacher_errors`)."""
-    folder = Path(root) / f"{EMBEDDED_VERSION}-{option_order}-t{teacher_error_rate:g}-seed{seed}-n{num_records}"
+    """Path of ``<root>/embedded-v3-{option_order}-t{rate}-v{verbose}-seed{seed}-n{num_records}/records.jsonl``,
+    generated on first use. The embedded default lists options in a fixed order (see ``OptionOrder``),
+    and 60% of its grade demonstrations restate the question first (:func:`add_verbose_demonstrations`);
+    the outdated-rule errors (:func:`add_teacher_errors`) are off by default."""
+    folder = Path(root) / (
+        f"{EMBEDDED_VERSION}-{option_order}-t{teacher_error_rate:g}-v{verbose_rate:g}-seed{seed}-n{num_records}"
+    )
     return str(
         _ensure(
             folder,
             lambda tmp: generate_dataset(
-                tmp, num_records, seed, option_order=option_order, teacher_error_rate=teacher_error_rate
+                tmp,
+                num_records,
+                seed,
+                option_order=option_order,
+                teacher_error_rate=teacher_error_rate,
+                verbose_rate=verbose_rate,
             ),
         )
     )

@@ -1,4 +1,4 @@
-"""``python -m pathvlm_lightning.pipeline --plan configs/demo/pipeline.yaml [--stages a,b] [--rerun b]``."""
+"""``python -m pathvlm_lightning pipeline --plan configs/demo/pipeline.yaml [--stages a,b] [--rerun b]``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathvlm_lightning.pipeline.tables import write_pipeline_report
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pathvlm_lightning.pipeline",
+        prog="python -m pathvlm_lightning pipeline",
         description="Train, evaluate and compare the stages of a plan; finished steps are skipped.",
     )
     parser.add_argument("--plan", required=True, help="plan YAML, e.g. configs/demo/pipeline.yaml")
