@@ -174,6 +174,7 @@ def test_model_card_of_a_grpo_stage_lists_its_settings_and_no_secrets():
         }
     )
     config["model"]["init_args"]["token"] = "hf_LEAK_456"
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.0001
     metrics = stage_metrics(REPORT, "grpo_process")
     card = model_card("grpo_process", "Stage 3.", "runs/demo/grpo/export", config, metrics)
     for leaked in ("sk-LEAK-123", "hf_LEAK_456", "MY_KEY", "api_key"):
