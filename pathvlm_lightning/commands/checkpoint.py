@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 #: Trainer settings that make any stage config instantiable on one CPU process.
 _PLAIN_TRAINER = (
     "--trainer.accelerator=cpu",
@@ -36,23 +34,6 @@ _PLAIN_TRAINER = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the given config; the message says why and what to do."""
-
-
-def read_stage_config(path: str | Path) -> dict[str, Any]:
-    """The stage YAML as a dict (raising :class:`CheckpointError` when it is not a mapping)."""
-    try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise CheckpointError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(config, dict) or "model" not in config:
-        raise CheckpointError(f"{path}: not a stage config (a YAML mapping with a 'model' section)")
-    return config
-
-
-def stage_base_model(config: dict[str, Any]) -> str:
-    """``model.init_args.backbone.init_args.model`` of a stage config (the backbone it starts from)."""
-    backbone = config.get("model", {}).get("init_args", {}).get("backbone", {})
-    return str(backbone.get("init_args", {}).get("model", "embedded-tiny"))
 
 
 def load_stage_module(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pathvlm_lightning.commands.model_card import config_description, model_card, stage_metrics
+from pathvlm_lightning.stage_config import read_stage_yaml, start_model
 
 
 def export_stage(
@@ -36,16 +37,16 @@ def export_stage(
     ``stage`` defaults to the config file's stem, ``description`` to the config's header comment;
     ``report`` is a pipeline ``report.json`` (its row for ``stage`` goes into the card).
     """
-    from pathvlm_lightning.commands.checkpoint import load_stage_module, read_stage_config, stage_base_model
+    from pathvlm_lightning.commands.checkpoint import load_stage_module
 
     stage = stage or Path(config).stem
-    stage_config = read_stage_config(config)
+    stage_config = read_stage_yaml(config)
     module = load_stage_module(config, checkpoint, base_model=base_model, dtype=dtype)
     target = module.backbone.export(Path(out))
     card = model_card(
         stage=stage,
         description=description if description is not None else config_description(config),
-        base_model=base_model or stage_base_model(stage_config),
+        base_model=base_model or start_model(stage_config) or "embedded-tiny",
         config=stage_config,
         metrics=stage_metrics(report, stage) if report is not None else None,
     )

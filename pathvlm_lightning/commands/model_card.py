@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pathvlm_lightning.stage_config import callbacks, init_args, short_name
+
 _SECRET_KEY = re.compile(r"api[_-]?key|secret|password|passwd|credential|auth|(^|_)token$|bearer", re.IGNORECASE)
 _HEADER_END = re.compile(r"^(Run|Test|Curves|Usage)\b")
 
@@ -72,15 +74,15 @@ def model_card(
     """
     config = scrub_secrets(config)
     model = config.get("model", {})
-    module = _init(model)
-    data = _init(config.get("data", {}))
+    module = init_args(model)
+    data = init_args(config.get("data", {}))
     lines = [f"# {stage}", ""]
     if description:
         lines += [description.strip(), ""]
     lines += [
         f"- Base model: `{base_model}`",
-        f"- Training stage: `{stage}` ({_short(model.get('class_path', '?'))})",
-        f"- Format: {_format_line(_init(module.get('backbone', {})))}",
+        f"- Training stage: `{stage}` ({short_name(model.get('class_path', '?'))})",
+        f"- Format: {_format_line(init_args(module.get('backbone', {})))}",
         "- Answers as `<think>reasoning</think><answer>X) option text</answer>`.",
         "",
         "## Training data",
@@ -97,13 +99,6 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def _init(node: Any) -> dict[str, Any]:
-    """``init_args`` of a ``class_path`` node (or the node itself when it is plain arguments)."""
-    if not isinstance(node, Mapping):
-        return {}
-    return dict(node.get("init_args") or {}) if "class_path" in node else dict(node)
-
-
 def _format_line(backbone: dict[str, Any]) -> str:
     """How the folder holds the weights (see ``backbone/export.py``: a quantised base keeps its adapter apart)."""
     if backbone.get("lora") and backbone.get("quantization"):
@@ -113,10 +108,6 @@ def _format_line(backbone: dict[str, Any]) -> str:
         f"Qwen2.5-VL weights{merged} and processor; load with "
         "`transformers.AutoModelForImageTextToText.from_pretrained(<this folder>)`."
     )
-
-
-def _short(class_path: Any) -> str:
-    return str(class_path).rsplit(".", 1)[-1]
 
 
 def _data_lines(data: dict[str, Any]) -> list[str]:
@@ -132,32 +123,31 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
 
 
 def _hyperparameters(config: dict[str, Any], module: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = [("module", _short(config.get("model", {}).get("class_path", "?")))]
+    rows = [("module", short_name(config.get("model", {}).get("class_path", "?")))]
     optimizer = module.get("optimizer")
     if isinstance(optimizer, Mapping):
-        args = _init(optimizer)
-        rows.append(("optimizer", _short(optimizer.get("class_path", "?"))))
+        args = init_args(optimizer)
+        rows.append(("optimizer", short_name(optimizer.get("class_path", "?"))))
         rows += [(name, str(args[name])) for name in ("lr", "weight_decay") if name in args]
-    backbone = _init(module.get("backbone", {}))
+    backbone = init_args(module.get("backbone", {}))
     if backbone.get("lora"):
-        lora = _init(backbone["lora"])
+        lora = init_args(backbone["lora"])
         rows.append(("LoRA", ", ".join(f"{k}={lora[k]}" for k in ("r", "alpha") if k in lora) or "on"))
     trainer = config.get("trainer", {}) or {}
     rows += [(name, str(trainer[name])) for name in ("max_epochs", "max_steps", "precision") if name in trainer]
-    data = _init(config.get("data", {}))
+    data = init_args(config.get("data", {}))
     rows += [(name, str(data[name])) for name in ("batch_size",) if name in data]
     if "loss_type" in module or "GRPO" in rows[0][1]:
         rows += [(name, str(module[name])) for name in ("loss_type", "beta", "scale_rewards") if name in module]
-        listed = trainer.get("callbacks") or []
-        callbacks = [c for c in (listed if isinstance(listed, list) else [listed]) if isinstance(c, Mapping)]
-        for callback in callbacks:
-            if _short(callback.get("class_path", "")) == "RolloutCallback":
-                args = _init(callback)
+        nodes = callbacks(config)
+        for callback in nodes:
+            if short_name(callback.get("class_path", "")) == "RolloutCallback":
+                args = init_args(callback)
                 keys = ("num_generations", "max_new_tokens", "temperature")
                 rows += [(key, str(args[key])) for key in keys if key in args]
         rewards = [
-            f"{_short(c['class_path'])} (weight {_init(c).get('weight', 1.0)})"
-            for c in callbacks
+            f"{short_name(c['class_path'])} (weight {init_args(c).get('weight', 1.0)})"
+            for c in nodes
             if "Reward" in str(c.get("class_path", ""))
         ]
         if rewards:

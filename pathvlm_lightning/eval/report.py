@@ -189,7 +189,8 @@ def _correct_by_id(stage: StageEval) -> dict[str, bool]:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """The report's four tables as Markdown, percentages with one decimal."""
+    """The report's four tables as Markdown, percentages with one decimal (plus the wall times per
+    stage and step when the report carries ``timings_seconds``)."""
     stages: dict[str, dict[str, Any]] = report["stages"]
     level = round(100 * report.get("settings", {}).get("level", _LEVEL))
     lines = ["# Evaluation report", ""]
@@ -245,6 +246,15 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("No out-of-domain predictions.")
+
+    timings: dict[str, dict[str, float]] = report.get("timings_seconds", {})  # set by the pipeline runner
+    if any(timings.values()):
+        lines += ["", "## Wall time (seconds)", ""]
+        steps = ("fit", "test", "ood")
+        lines += _table(
+            ["stage", *steps],
+            ([name, *(str(row.get(k, "-")) for k in steps)] for name, row in timings.items() if row),
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,15 @@ from typing import Any
 
 import yaml
 
+from pathvlm_lightning.stage_config import (
+    StageConfigError,
+    callbacks,
+    init_args,
+    read_stage_yaml,
+    short_name,
+    start_model,
+)
+
 
 class PlanError(ValueError):
     """A plan or a stage config that cannot be run as written."""
@@ -79,38 +88,33 @@ class Plan:
 
 def read_stage_config(path: str) -> StageConfigInfo:
     """Pull kind, start model and output folders out of a LightningCLI stage config."""
-    file = Path(path)
-    if not file.is_file():
+    if not Path(path).is_file():
         raise PlanError(f"stage config {path!r} does not exist")
-    config = yaml.safe_load(file.read_text()) or {}
-    model = config.get("model") or {}
-    class_path = str(model.get("class_path", ""))
-    if class_path.endswith("GRPOModule"):
-        kind = "grpo"
-    elif class_path.endswith("SFTModule"):
-        kind = "sft"
-    else:
+    try:
+        config = read_stage_yaml(path)
+    except StageConfigError as error:
+        raise PlanError(str(error)) from None
+    class_path = str(config["model"].get("class_path", "")) if isinstance(config["model"], Mapping) else ""
+    kinds = {"GRPOModule": "grpo", "SFTModule": "sft"}
+    if short_name(class_path) not in kinds:
         raise PlanError(f"{path}: model.class_path {class_path!r} is neither SFTModule nor GRPOModule")
-    backbone = (model.get("init_args") or {}).get("backbone") or {}
-    start_model = (backbone.get("init_args") or {}).get("model")
-    if not start_model:
+    model = start_model(config)
+    if not model:
         raise PlanError(f"{path}: model.init_args.backbone.init_args.model is not set")
-    trainer = config.get("trainer") or {}
-    export_dir = checkpoint_dir = None
-    for callback in trainer.get("callbacks") or []:
-        name = str(callback.get("class_path", "")) if isinstance(callback, Mapping) else ""
-        args = callback.get("init_args") or {} if isinstance(callback, Mapping) else {}
-        if name.endswith("ExportCallback"):
-            export_dir = args.get("dirpath")
-        elif name.endswith("ModelCheckpoint"):
-            checkpoint_dir = args.get("dirpath")
-    logger = trainer.get("logger")
+    dirpaths = {short_name(c.get("class_path", "")): init_args(c).get("dirpath") for c in callbacks(config)}
+    logger = (config.get("trainer") or {}).get("logger")
     tensorboard_dir = None
-    if isinstance(logger, Mapping) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-        args = logger.get("init_args") or {}
+    if isinstance(logger, Mapping) and short_name(logger.get("class_path", "")) == "TensorBoardLogger":
+        args = init_args(logger)
         if args.get("save_dir"):
             tensorboard_dir = str(Path(args["save_dir"]) / str(args.get("name") or "lightning_logs"))
-    return StageConfigInfo(kind, str(start_model), export_dir, checkpoint_dir, tensorboard_dir)
+    return StageConfigInfo(
+        kinds[short_name(class_path)],
+        model,
+        dirpaths.get("ExportCallback"),
+        dirpaths.get("ModelCheckpoint"),
+        tensorboard_dir,
+    )
 
 
 def load_plan(path: str | Path) -> Plan:

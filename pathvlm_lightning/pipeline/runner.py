@@ -149,7 +149,7 @@ class PipelineRunner:
                 )
             self.echo(f"[{stage.name}] fit: done before, skipped ({export})")
             return
-        if done is None and (export / "config.json").is_file() and not self._has_checkpoint(stage):
+        if done is None and (export / "config.json").is_file() and self._last_checkpoint(stage) is None:
             # An export made by running the same config by hand (e.g. examples/demo.sh): adopt it.
             self.echo(f"[{stage.name}] fit: adopting the existing export {export} (made outside the runner)")
             state.set_step("fit", {"config_sha256": digest, "upstream": upstream_id, "adopted": True, "finished_at": "adopted"})
@@ -184,9 +184,6 @@ class PipelineRunner:
             return None
         last = Path(stage.info.checkpoint_dir) / "last.ckpt"
         return last if last.is_file() else None
-
-    def _has_checkpoint(self, stage: Stage) -> bool:
-        return self._last_checkpoint(stage) is not None
 
     def _evaluate(self, stage: Stage, split: str, overrides: list[str]) -> None:
         state = self.state(stage)

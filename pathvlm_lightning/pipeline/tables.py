@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pathvlm_lightning.eval.report import StageEval, build_report, load_predictions, report_markdown, write_report
+from pathvlm_lightning.eval.report import StageEval, build_report, load_predictions, write_report
 from pathvlm_lightning.pipeline.runner import PipelineRunner
 
 
@@ -29,7 +29,7 @@ def collect(runner: PipelineRunner) -> list[StageEval]:
 
 
 def write_pipeline_report(runner: PipelineRunner, plots: bool = True) -> dict[str, Any]:
-    """Build, print-ready and save ``report.md``/``report.json`` (+ PNG plots) under the plan's out_dir."""
+    """Build and save ``report.md``/``report.json`` (+ PNG plots) under the plan's out_dir; returns the report."""
     plan = runner.plan
     evals = collect(runner)
     if not evals:
@@ -37,14 +37,7 @@ def write_pipeline_report(runner: PipelineRunner, plots: bool = True) -> dict[st
     report = build_report(evals, plan.comparisons, num_resamples=plan.num_resamples, seed=plan.seed)
     report["timings_seconds"] = runner.timings()
     out = Path(plan.out_dir)
-    md_path, _ = write_report(report, out)
-    timing_lines = ["", "## Wall time (seconds)", "", "| stage | fit | test | ood |", "|---|---|---|---|"]
-    for name, steps in report["timings_seconds"].items():
-        if steps:
-            timing_lines.append(
-                f"| {name} | " + " | ".join(str(steps.get(k, "-")) for k in ("fit", "test", "ood")) + " |"
-            )
-    md_path.write_text(md_path.read_text() + "\n".join(timing_lines) + "\n")
+    write_report(report, out)
     if plots:
         from pathvlm_lightning.eval.plots import plot_reward_curves, plot_stage_accuracy
 
@@ -58,6 +51,3 @@ def write_pipeline_report(runner: PipelineRunner, plots: bool = True) -> dict[st
             plot_reward_curves(tb_dirs, out / "rewards.png")
     return report
 
-
-def render(report: dict[str, Any]) -> str:
-    return report_markdown(report)

@@ -1,0 +1,53 @@
+"""Reading a stage's LightningCLI YAML as plain data, without building anything.
+
+The pipeline plan (which folders a stage writes, which model it starts from), the export command and
+the model card all look into the same config; these helpers are the one place that knows its shape
+(``class_path``/``init_args`` nodes, ``trainer.callbacks`` as a list or a single node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class StageConfigError(ValueError):
+    """A file that is not a readable stage config; the message names it."""
+
+
+def read_stage_yaml(path: str | Path) -> dict[str, Any]:
+    """The stage YAML as a dict: a mapping with a ``model`` section."""
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise StageConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise StageConfigError(f"{path}: not a stage config (a YAML mapping with a 'model' section)")
+    return config
+
+
+def init_args(node: Any) -> dict[str, Any]:
+    """``init_args`` of a ``class_path`` node (or the node itself when it is plain arguments)."""
+    if not isinstance(node, Mapping):
+        return {}
+    return dict(node.get("init_args") or {}) if "class_path" in node else dict(node)
+
+
+def short_name(class_path: Any) -> str:
+    """``"pathvlm_lightning.modules.GRPOModule"`` -> ``"GRPOModule"``."""
+    return str(class_path).rsplit(".", 1)[-1]
+
+
+def start_model(config: Mapping[str, Any]) -> str | None:
+    """``model.init_args.backbone.init_args.model``: the folder or name the stage starts from."""
+    value = init_args(init_args(config.get("model")).get("backbone")).get("model")
+    return None if value is None else str(value)
+
+
+def callbacks(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """``trainer.callbacks`` as a list of ``class_path`` nodes (a single node or none is allowed)."""
+    listed = (config.get("trainer") or {}).get("callbacks") or []
+    return [c for c in (listed if isinstance(listed, list) else [listed]) if isinstance(c, Mapping)]
