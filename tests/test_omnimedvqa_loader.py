@@ -204,7 +204,7 @@ def test_skip_mode_leaves_out_and_counts_each_bad_row(tmp_path):
 def test_file_level_mistakes_raise_even_in_skip_mode(tmp_path):
     qa = write_release(tmp_path / "release")
     (qa / "Zzz.json").write_text(json.dumps({"questions": _skin_rows()}))  # an object, not a list
-    not_a_list = r"Zzz\.json: expected a JSON list of question objects .* starts with '\{'"
+    not_a_list = r"Zzz\.json: expected a list of records .* a JSON object with key\(s\) 'questions' \(a list of 2\)"
     with pytest.raises(DataValidationError, match=not_a_list):
         load_records(qa, style="omnimedvqa", on_invalid="skip")
     no_option_b = [{k: v for k, v in row.items() if k != "option_B"} for row in _skin_rows()]

@@ -21,20 +21,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
+from pathvlm_lightning.data.images import load_image
 from pathvlm_lightning.data.prompt import PROMPT_TEMPLATE, build_messages, sft_target
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.validation import DataValidationError, InvalidRecord, RecordPolicy
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
-
-
-def load_image(path: str) -> Image.Image:
-    """The record's image as RGB (the processor expects three channels)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 class _ProcessorCollator:
@@ -57,7 +51,15 @@ class _ProcessorCollator:
 
     def encode(self, texts: list[str], records: list[VQARecord], padding_side: str) -> dict[str, torch.Tensor]:
         images = [load_image(record.image) for record in records]
-        encoded = self.processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side=padding_side)
+        try:
+            encoded = self.processor(
+                text=texts, images=images, return_tensors="pt", padding=True, padding_side=padding_side
+            )
+        except ValueError as err:  # validation should have caught it; still name the records
+            raise DataValidationError(
+                f"{self.policy.report.source}: the processor refused the batch of records {[r.id for r in records]}: {err}",
+                "processor_error",
+            ) from err
         return dict(encoded)
 
     def too_long(self, records: list[VQARecord], lengths: torch.Tensor, what: str) -> list[int]:

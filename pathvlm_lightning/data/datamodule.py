@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pathvlm_lightning.data.collate import PromptCollator, SFTCollator
+from pathvlm_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits
 from pathvlm_lightning.data.loaders import RECORD_STYLES, FieldMap, load_records
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.resumable import ResumableDataLoader
@@ -34,7 +35,7 @@ from pathvlm_lightning.data.splits import (
     read_split,
 )
 from pathvlm_lightning.data.synthetic import ensure_embedded_dataset, ensure_ood_dataset
-from pathvlm_lightning.data.validation import ValidationReport, check_on_invalid
+from pathvlm_lightning.data.validation import RecordChecks, ValidationReport, check_on_invalid, special_tokens_of
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,21 @@ class VQADataModule(LightningDataModule):
             (both generated on first use under ``embedded_root``). The OOD set is a test set: use
             it with ``split_sizes: {test: null}`` (its default), ``train_split: test``,
             ``val_split: null`` and a ``split_dir`` of its own.
-        record_style: ``"pathmmu"`` (options column), ``"vlm_r1"`` (options in ``problem``,
-            reasoning and answer in ``solution``) or ``"omnimedvqa"`` (``option_A``..``option_D``,
-            ``gt_answer`` holding the option text; images relative to the release root).
+        record_style: ``"pathmmu"`` (options column), ``"pathmmu_release"`` (PathMMU's ``data.json``
+            or ``*_mapping.json`` as downloaded: an object of splits; ``data_path`` may be the
+            folder holding ``data.json``), ``"vlm_r1"`` (options in ``problem``, after an
+            ``Options:`` line or inline ``A)x, B)y``; reasoning and answer in ``solution``) or
+            ``"omnimedvqa"`` (``option_A``..``option_D``, ``gt_answer`` holding the option text;
+            images relative to the release root).
         field_map: overrides of the style's source columns, e.g. ``{"answer": "gt_answer"}``.
-        image_root: folder relative image paths start from (default: the data file's folder).
+        image_root: folder relative image paths start from (default: the data file's folder; its
+            ``images/`` for ``pathmmu_release``). Image paths outside it are refused.
+        allow_absolute_image_paths: accept image paths anywhere on the machine (absolute, or
+            leading out of ``image_root`` with ``..``).
+        max_image_pixels: largest image (width x height of the file) accepted at validation;
+            None for no limit. Images with an aspect ratio over 200 are always refused.
+        release_splits: for ``pathmmu_release``, which splits to read: subsets (``PubMed``) or split
+            keys (``PubMed/test``, ``val``); None: all but ``test_tiny`` (which repeats ``test``).
         split_dir: where the split files and manifest live; share it between the stages of a pipeline.
         split_sizes: records per split in fill order; ``null``/-1 = the rest. Default: the paper's
             3000/1000/1385 for a data file, :data:`EMBEDDED_SPLIT_SIZES` for the embedded set.
@@ -113,9 +124,12 @@ class VQADataModule(LightningDataModule):
     def __init__(
         self,
         data_path: str = EMBEDDED,
-        record_style: Literal["pathmmu", "vlm_r1", "omnimedvqa"] = "pathmmu",
+        record_style: Literal["pathmmu", "pathmmu_release", "vlm_r1", "omnimedvqa"] = "pathmmu",
         field_map: dict[str, str | list[str] | None] | None = None,
         image_root: str | None = None,
+        allow_absolute_image_paths: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        release_splits: list[str] | None = None,
         split_dir: str = "splits",
         split_sizes: dict[str, int | None] | None = None,
         seed: int = 0,
@@ -147,6 +161,9 @@ class VQADataModule(LightningDataModule):
         if embedded_ood_per_modality < 1:
             raise ValueError(f"embedded_ood_per_modality must be at least 1, got {embedded_ood_per_modality!r}")
         FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
+        ImageLimits(max_pixels=max_image_pixels)  # and on a bad limit
+        if release_splits is not None and record_style != "pathmmu_release":
+            raise ValueError(f"release_splits only apply to record_style 'pathmmu_release', not {record_style!r}")
         default_sizes = {EMBEDDED: EMBEDDED_SPLIT_SIZES, EMBEDDED_OOD: EMBEDDED_OOD_SPLIT_SIZES}.get(
             data_path, DEFAULT_SPLIT_SIZES
         )
@@ -182,6 +199,14 @@ class VQADataModule(LightningDataModule):
     def _asked(self, records_path: str) -> SplitManifest:
         return SplitManifest(source=records_path, seed=self.hparams.seed, sizes=self.split_sizes)
 
+    def record_checks(self) -> RecordChecks:
+        """What every record is checked for: its image (readable, within ``max_image_pixels``) and its
+        text (none of the processor's special tokens; without a processor that check is skipped)."""
+        if self.processor is None:
+            log.warning("VQADataModule has no processor yet: record text is not checked for special tokens")
+        tokens = special_tokens_of(self.processor) if self.processor is not None else ()
+        return RecordChecks(image_limits=ImageLimits(max_pixels=self.hparams.max_image_pixels), special_tokens=tokens)
+
     def prepare_data(self) -> None:
         """Read and check the source, then write the splits (or confirm the existing ones match)."""
         path = self.records_path()
@@ -194,6 +219,9 @@ class VQADataModule(LightningDataModule):
             image_root=self.hparams.image_root,
             image_dir=os.path.join(self.hparams.split_dir, "images"),
             on_invalid=self.hparams.on_invalid,
+            checks=self.record_checks(),
+            allow_absolute_image_paths=self.hparams.allow_absolute_image_paths,
+            release_splits=self.hparams.release_splits,
         )
         log.info("%s", self.validation_report.summary())
         self.manifest = prepare_splits(records, self.hparams.split_dir, asked)

@@ -3,7 +3,7 @@
 Releases come in more than one file: OmniMedVQA ships one JSON list per source dataset under
 ``QA_information/Open-access/``. Reading them file by file, in sorted order, keeps every message
 about a record pointing at the file it is in, and makes the order (and so the split) the same on
-every machine. Rows are read with the ``datasets`` library, which also decodes embedded images.
+every machine. Each file is read and checked by :mod:`pathvlm_lightning.data.files`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 
 import datasets
+import pyarrow
 
-from pathvlm_lightning.data.validation import DataValidationError
+from pathvlm_lightning.data.files import JSON_SUFFIXES, read_source
 
-TABLE_SUFFIXES = (".json", ".jsonl", ".parquet")
+TABLE_SUFFIXES = (*JSON_SUFFIXES, ".parquet")
 # What ``save_to_disk`` writes at the top of its folder (a Dataset / a DatasetDict).
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _OMNIMEDVQA_QA_FOLDER = "QA_information"
@@ -53,57 +54,18 @@ def source_files(path: str | os.PathLike) -> list[Path]:
 
 
 def read_table(path: str | os.PathLike) -> datasets.Dataset:
-    """One ``datasets.Dataset`` from a file, a saved dataset, a folder of files or a glob pattern
-    (see :func:`source_files`); several files are concatenated in order, columns that some files
-    lack being null in their rows."""
-    files = source_files(path)
-    tables = [read_file(file) for file in files]
-    if len(tables) == 1:
-        return tables[0]
-    columns = list(dict.fromkeys(column for table in tables for column in table.column_names))
-    aligned = []
-    for table in tables:
-        for column in columns:
-            if column not in table.column_names:
-                table = table.add_column(column, [None] * len(table))
-        aligned.append(table.select_columns(columns))
+    """One ``datasets.Dataset`` of the raw rows of a file, a saved dataset, a folder of files or a
+    glob pattern (see :func:`source_files`), each file checked as :func:`read_source` does; several
+    files are concatenated in order, columns that some files lack being null in their rows."""
+    sources = [read_source(file) for file in source_files(path)]
+    if len(sources) == 1 and isinstance(sources[0].rows, datasets.Dataset):
+        return sources[0].rows
+    columns = list(dict.fromkeys(column for source in sources for column in source.columns))
+    rows = [{column: row.get(column) for column in columns} for source in sources for row in source.rows]
     try:
-        return datasets.concatenate_datasets(aligned)
-    except ValueError as err:
-        raise ValueError(f"the files of {str(path)!r} have columns of different types: {err}") from err
-
-
-def read_file(file: Path, require_list: bool = False) -> datasets.Dataset:
-    """One file or saved-dataset folder; ``require_list``: a .json file must hold a JSON list."""
-    if file.is_dir():
-        table = datasets.load_from_disk(str(file))
-        if isinstance(table, datasets.DatasetDict):
-            if len(table) != 1:
-                raise ValueError(
-                    f"{file} holds the splits {sorted(table)}; point data_path at one of them, e.g. {file / next(iter(table))}"
-                )
-            table = next(iter(table.values()))
-        return table
-    suffix = file.suffix.lower()
-    if suffix == ".json" and require_list:
-        _check_json_list(file)
-    if suffix in (".json", ".jsonl"):
-        return datasets.load_dataset("json", data_files=str(file), split="train")
-    if suffix == ".parquet":
-        return datasets.load_dataset("parquet", data_files=str(file), split="train")
-    raise ValueError(f"data file {str(file)!r}: expected .json, .jsonl, .parquet or a saved dataset folder")
-
-
-def _check_json_list(file: Path) -> None:
-    """Refuse a .json file that is not a JSON list: read as records, an object would become one
-    odd row (``{"questions": [...]}``) instead of an error."""
-    with open(file, encoding="utf-8-sig") as handle:
-        head = handle.read(4096).lstrip()
-    if not head.startswith("["):
-        shown = f"starts with {head[:1]!r}" if head else "is empty"
-        raise DataValidationError(
-            f"{file}: expected a JSON list of question objects ([{{...}}, ...]) but the file {shown}", "bad_file"
-        )
+        return datasets.Dataset.from_list(rows)
+    except (TypeError, ValueError, pyarrow.ArrowException) as err:
+        raise ValueError(f"the rows of {str(path)!r} have columns of different types: {err}") from err
 
 
 def default_image_root(path: str | os.PathLike, style: str = "pathmmu") -> Path:

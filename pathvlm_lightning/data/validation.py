@@ -12,57 +12,35 @@ split always stops the run: no setting makes an empty stage meaningful.
 from __future__ import annotations
 
 import logging
-import os
+import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from PIL import Image
-
-from pathvlm_lightning.data.records import VQARecord
+# DataValidationError, InvalidRecord and check_image are also imported from here (their home before
+# errors.py and images.py).
+from pathvlm_lightning.data.errors import DataValidationError, InvalidRecord
+from pathvlm_lightning.data.images import ImageLimits, check_image
+from pathvlm_lightning.data.records import DEMONSTRATION_KEY, VQARecord
 
 log = logging.getLogger(__name__)
 
 OnInvalid = Literal["error", "skip"]
-ProblemKind = Literal[
-    "missing_field",
-    "bad_options",
-    "too_few_options",
-    "answer_not_in_options",
-    "duplicate_id",
-    "missing_image",
-    "corrupt_image",
-    "too_long",
-]
 MIN_OPTIONS = 2
-
-
-class DataValidationError(ValueError):
-    """A record (or a whole split) that cannot be used; the message names file, record and problem."""
-
-    def __init__(self, message: str, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class InvalidRecord(Exception):
-    """Raised by the checks below for one record; turned into an error or a skip by :class:`RecordPolicy`."""
-
-    def __init__(self, kind: ProblemKind, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
 
 
 @dataclass
 class ValidationReport:
-    """What happened to the records of one source: how many were read, kept, and skipped per kind."""
+    """What happened to the records of one source: how many were read, kept, and skipped per kind,
+    and, for a source of several files or release splits, how many were kept from each."""
 
     source: str
     seen: int = 0
     kept: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     messages: list[str] = field(default_factory=list)
+    kept_by_part: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_skipped(self) -> int:
@@ -70,7 +48,10 @@ class ValidationReport:
 
     def summary(self) -> str:
         kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.skipped.items())) or "none"
-        return f"{self.source}: kept {self.kept} of {self.seen} records; skipped {self.num_skipped} ({kinds})"
+        text = f"{self.source}: kept {self.kept} of {self.seen} records; skipped {self.num_skipped} ({kinds})"
+        if len(self.kept_by_part) > 1:
+            text += "; kept by part: " + ", ".join(f"{part} {n}" for part, n in self.kept_by_part.items())
+        return text
 
 
 def check_on_invalid(on_invalid: str) -> OnInvalid:
@@ -106,26 +87,61 @@ class RecordPolicy:
         log.warning("skipped %s", message)
 
 
-def check_image(path: str) -> None:
-    """Raise :class:`InvalidRecord` unless ``path`` is an image PIL can fully decode.
+@dataclass(frozen=True)
+class RecordChecks:
+    """The checks of :func:`check_record` that depend on settings: whether image files are opened,
+    the image sizes accepted, and the tokenizer's special tokens that record text must not hold."""
 
-    ``verify`` catches broken PNG chunks but not a truncated JPEG, so the image is also decoded;
-    ``draft`` lets JPEGs decode at reduced scale, which still reads every byte of the file.
-    """
-    if not os.path.isfile(path):
-        raise InvalidRecord("missing_image", f"image file {path!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError) for bad files
-        raise InvalidRecord("corrupt_image", f"image file {path!r} cannot be read: {err}") from err
+    images: bool = True
+    image_limits: ImageLimits = ImageLimits()
+    special_tokens: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        longest_first = sorted(set(self.special_tokens), key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+        object.__setattr__(self, "_special", pattern)
+
+    def find_special_token(self, text: str) -> str | None:
+        match = self._special.search(text) if self._special is not None else None  # type: ignore[attr-defined]
+        return match.group(0) if match else None
 
 
-def check_record(record: VQARecord, check_images: bool = True) -> None:
-    """The checks every record passes, whichever loader built it."""
+def special_tokens_of(processor: Any) -> tuple[str, ...]:
+    """The special-token strings of ``processor``'s tokenizer (or of ``processor`` itself, a tokenizer):
+    ``all_special_tokens`` and every added token marked special (Qwen's ``<|image_pad|>``, ``<|im_end|>``...)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokens = set(getattr(tokenizer, "all_special_tokens", ()))
+    tokens.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return tuple(sorted(t for t in tokens if t))
+
+
+def record_texts(record: VQARecord) -> Iterator[tuple[str, str]]:
+    """``(field, text)`` for every text of ``record`` the tokenizer reads: prompt and SFT target."""
+    yield "question", record.question
+    for letter, text in record.options.items():
+        yield f"option {letter}", text
+    yield "explanation", record.explanation
+    demonstration = record.extra.get(DEMONSTRATION_KEY)
+    if demonstration:
+        yield f"extra.{DEMONSTRATION_KEY}", str(demonstration)
+
+
+def check_special_tokens(record: VQARecord, checks: RecordChecks) -> None:
+    """Refuse record text holding a special-token string. Refused, not escaped: the tokenizer would
+    read it as the control token itself (``<|image_pad|>`` adds an image slot the collator cannot
+    fill, ``<|im_end|>`` ends the SFT labels early), it has no place in a question, and an escape
+    would change the text the model is shown and graded on."""
+    for name, text in record_texts(record):
+        token = checks.find_special_token(text)
+        if token is not None:
+            raise InvalidRecord(
+                "special_token", f"{name} contains the tokenizer's special token {token!r}: remove it from the data"
+            )
+
+
+def check_record(record: VQARecord, checks: RecordChecks = RecordChecks(), image_checked: bool = False) -> None:
+    """The checks every record passes, whichever loader built it; ``image_checked``: its image file
+    was already checked for an earlier record (a shared image is decoded once)."""
     if len(record.options) < MIN_OPTIONS:
         raise InvalidRecord(
             "too_few_options", f"has {len(record.options)} option(s) {record.options!r}; at least {MIN_OPTIONS} needed"
@@ -134,12 +150,13 @@ def check_record(record: VQARecord, check_images: bool = True) -> None:
         raise InvalidRecord(
             "answer_not_in_options", f"answer {record.answer!r} is not one of the options {sorted(record.options)}"
         )
-    if check_images:
-        check_image(record.image)
+    check_special_tokens(record, checks)
+    if checks.images and not image_checked:
+        check_image(record.image, checks.image_limits)
 
 
 def validate_records(
-    records: list[VQARecord], source: str, on_invalid: str = "error", check_images: bool = True
+    records: list[VQARecord], source: str, on_invalid: str = "error", checks: RecordChecks = RecordChecks()
 ) -> tuple[list[VQARecord], ValidationReport]:
     """Check already-built records (options, answer, image, unique ids); returns the kept ones and the report."""
     policy = RecordPolicy(source, on_invalid)
@@ -148,7 +165,7 @@ def validate_records(
     for row, record in enumerate(records):
         policy.report.seen += 1
         try:
-            check_record(record, check_images)
+            check_record(record, checks)
             check_unique_id(record.id, row, first_row)
         except InvalidRecord as problem:
             policy.handle(problem, record.id, row)

@@ -1,0 +1,118 @@
+"""PathMMU's question files as published: a JSON object of splits, or of subsets of splits.
+
+The release's ``data.json`` is ``{"PubMed": {"val": [...], "test": [...], "test_tiny": [...]},
+"EduContent": {...}, ...}`` with the images in ``images/`` next to it; the per-subset files
+(``socialpath_mapping.json``) are ``{"val": [...], "test": [...], ...}``. A record holds ``No`` (an
+integer that restarts at 0 in every split), ``img`` (a file name under ``images/``), ``question``,
+``options`` (``["A) text", ...]``), ``answer`` (``"D) text"``, a few a bare letter) and
+``explanation``, plus source fields that are ignored.
+
+Each split is one :class:`RowSource` named ``<file> [<subset>/<split>]`` in messages. Ids are
+``<file stem>:<split key>:<No>`` (``data:PubMed/test:12``): unique although ``No`` restarts, and
+the same on every machine. A record's subset is its top-level key in ``data.json`` (``PubMed``),
+or the file's name before ``_mapping`` (``socialpath``). ``release_splits`` picks what is read: a
+subset (``PubMed``: its splits), a split key (``PubMed/val``, or ``val`` in a per-subset file).
+``test_tiny`` repeats questions of ``test``, so it is read only when named by its full key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pathvlm_lightning.data.errors import DataValidationError
+from pathvlm_lightning.data.files import RowSource, check_rows, columns_of, describe_keys, json_kind, read_json
+from pathvlm_lightning.data.sources import source_files
+
+log = logging.getLogger(__name__)
+
+RELEASE_STYLE = "pathmmu_release"
+RELEASE_FILE = "data.json"
+RELEASE_IMAGE_FOLDER = "images"
+#: Splits that repeat questions of another split of the same subset (``test_tiny`` of ``test``).
+REPEATING_SPLITS = ("test_tiny",)
+#: The release's columns, as :class:`~pathvlm_lightning.data.loaders.FieldMap` fields.
+RELEASE_FIELDS: dict[str, Any] = dict(
+    id="No", image="img", question="question", options="options", answer="answer",
+    explanation="explanation", subset=None, modality=None, extra=None,
+)  # fmt: skip
+
+
+def release_files(path: str | os.PathLike) -> list[Path]:
+    """The files to read: a folder holding ``data.json`` means that file (its ``*_mapping.json``
+    neighbours repeat its questions with source fields); otherwise as :func:`source_files`."""
+    folder = Path(path)
+    if folder.is_dir() and (folder / RELEASE_FILE).is_file():
+        others = sorted(p.name for p in folder.glob("*.json") if p.name != RELEASE_FILE)
+        if others:
+            log.info("%s: reading %s only; %s repeat its questions", folder, RELEASE_FILE, others)
+        return [folder / RELEASE_FILE]
+    return source_files(path)
+
+
+def release_sources(file: Path, wanted: Sequence[str] | None = None) -> list[RowSource]:
+    """One :class:`RowSource` per split of ``file`` that ``wanted`` selects (``None``: every split
+    but the repeating ones), in file order. Entries of ``wanted`` that match nothing in this file
+    are not an error here: a glob may name several files (see :func:`unmatched`)."""
+    value = read_json(file)
+    parts = _parts(file, value)
+    sources = []
+    for key, rows in parts.items():
+        if not _selected(key, wanted):
+            if wanted is None:
+                log.info("%s: left out %s (%d records), which repeats test questions; name it in release_splits to read it",
+                         file, key, len(rows))  # fmt: skip
+            continue
+        where = f"{file} [{key}]"
+        rows = check_rows(where, rows)
+        subset = key.split("/", 1)[0] if "/" in key else file.stem.removesuffix("_mapping")
+        sources.append(RowSource(file, rows, columns_of(rows), part=key, id_prefix=f"{file.stem}:{key}", subset=subset))
+    return sources
+
+
+def unmatched(wanted: Sequence[str] | None, sources: Sequence[RowSource]) -> list[str]:
+    """The entries of ``wanted`` that selected no split of any of ``sources``."""
+    keys = [source.part or "" for source in sources]
+    return [entry for entry in wanted or () if not any(_selected(key, [entry]) for key in keys)]
+
+
+def available_parts(files: Sequence[Path]) -> list[str]:
+    """Every split key of ``files``, for the message about an unmatched ``release_splits`` entry."""
+    return [key for file in files for key in _parts(file, read_json(file))]
+
+
+def _parts(file: Path, value: Any) -> dict[str, list]:
+    """``{split key: rows}`` of a release file; any other shape raises, naming the file and the key."""
+    if not isinstance(value, Mapping):
+        raise DataValidationError(
+            f"{file}: record_style {RELEASE_STYLE!r} reads PathMMU's release files, a JSON object of splits "
+            f"({{\"val\": [...], ...}}) or of subsets of splits (data.json), but this file holds a JSON "
+            f"{json_kind(value)}; use record_style 'pathmmu' for a list of records",
+            "bad_file",
+        )
+    parts: dict[str, list] = {}
+    for key, inner in value.items():
+        if isinstance(inner, list):
+            parts[key] = inner
+        elif isinstance(inner, Mapping) and all(isinstance(rows, list) for rows in inner.values()):
+            parts.update({f"{key}/{split}": rows for split, rows in inner.items()})
+        else:
+            raise DataValidationError(
+                f"{file}: key {key!r} holds a JSON {json_kind(inner)}"
+                + (f" with {describe_keys(inner)}" if isinstance(inner, Mapping) else "")
+                + "; a release file maps each split to a list of records, or each subset to such splits",
+                "bad_file",
+            )
+    if not parts:
+        raise DataValidationError(f"{file}: the JSON object has no splits", "bad_file")
+    return parts
+
+
+def _selected(key: str, wanted: Sequence[str] | None) -> bool:
+    split = key.rsplit("/", 1)[-1]
+    if wanted is None:
+        return split not in REPEATING_SPLITS
+    return any(key == entry or (key.startswith(f"{entry}/") and split not in REPEATING_SPLITS) for entry in wanted)
