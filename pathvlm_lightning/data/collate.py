@@ -57,7 +57,8 @@ class _ProcessorCollator:
             )
         except ValueError as err:  # validation should have caught it; still name the records
             raise DataValidationError(
-                f"{self.policy.report.source}: the processor refused the batch of records {[r.id for r in records]}: {err}",
+                f"{self.policy.report.source}: the processor refused the batch of records "
+                f"{[r.id for r in records]}: {err}",
                 "processor_error",
             ) from err
         return dict(encoded)

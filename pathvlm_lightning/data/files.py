@@ -136,7 +136,9 @@ def check_rows(where: str, value: Any) -> list[dict[str, Any]]:
             "bad_file",
         )
     if not isinstance(value, list):
-        raise DataValidationError(f"{where}: expected a list of records but the file holds a JSON {json_kind(value)}", "bad_file")
+        raise DataValidationError(
+            f"{where}: expected a list of records but the file holds a JSON {json_kind(value)}", "bad_file"
+        )
     for index, row in enumerate(value):
         if not isinstance(row, Mapping):
             raise DataValidationError(
@@ -173,7 +175,8 @@ def read_source(file: Path, image_column: str | None = None) -> RowSource:
         if isinstance(table, datasets.DatasetDict):
             if len(table) != 1:
                 raise ValueError(
-                    f"{file} holds the splits {sorted(table)}; point data_path at one of them, e.g. {file / next(iter(table))}"
+                    f"{file} holds the splits {sorted(table)}; point data_path at one of them, "
+                    f"e.g. {file / next(iter(table))}"
                 )
             table = next(iter(table.values()))
     elif suffix == ".parquet":

@@ -161,7 +161,9 @@ def load_records(
     elif style not in RECORD_STYLES:
         raise ValueError(f"record_style must be one of {RECORD_STYLES}, got {style!r}")
     if release_splits is not None and style != RELEASE_STYLE:
-        raise ValueError(f"release_splits {list(release_splits)} only apply to record_style {RELEASE_STYLE!r}, not {style!r}")
+        raise ValueError(
+            f"release_splits {list(release_splits)} only apply to record_style {RELEASE_STYLE!r}, not {style!r}"
+        )
     check_on_invalid(on_invalid)
     files = release_files(path) if style == RELEASE_STYLE else source_files(path)
     if image_root is not None:

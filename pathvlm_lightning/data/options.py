@@ -133,7 +133,8 @@ def split_vlm_r1_problem(problem: str) -> tuple[str, dict[str, str]]:
     inline = split_inline_options(problem)
     if inline is None:
         raise InvalidRecord(
-            "bad_options", f"problem text has neither an 'Options:' line nor inline options 'A) ..., B) ...': {problem!r}"
+            "bad_options",
+            f"problem text has neither an 'Options:' line nor inline options 'A) ..., B) ...': {problem!r}",
         )
     return inline
 

@@ -63,8 +63,8 @@ def release_sources(file: Path, wanted: Sequence[str] | None = None) -> list[Row
     for key, rows in parts.items():
         if not _selected(key, wanted):
             if wanted is None:
-                log.info("%s: left out %s (%d records), which repeats test questions; name it in release_splits to read it",
-                         file, key, len(rows))  # fmt: skip
+                log.info("%s: left out %s (%d records), which repeats test questions; name it in "
+                         "release_splits to read it", file, key, len(rows))  # fmt: skip
             continue
         where = f"{file} [{key}]"
         rows = check_rows(where, rows)
