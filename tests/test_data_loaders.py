@@ -170,3 +170,25 @@ def test_parse_options_rejects_bad_shapes():
         parse_options({"first": "red"})
     with pytest.raises(InvalidRecord, match="appears twice"):
         parse_options("A) red\nA) blue")
+
+
+def test_vlm_r1_options_inline_in_the_problem(tmp_path):
+    """Med-R1's conversions: options inline after the question, no 'Options:' line, a bare letter answer."""
+    make_image(tmp_path / "ct.png")
+    rows = [
+        {"image": "ct.png", "solution": "<answer> C </answer>",
+         "problem": "What imaging technique is employed for obtaining this image? A)Mammogram, "
+                    "B)Positron emission tomography (PET), C)CT, D)Fluoroscopy"},
+        {"image": "ct.png", "solution": "<think>Bright bone.</think><answer>B) X-ray</answer>",
+         "problem": "Which modality is this?\nOptions: A) MRI, B) X-ray"},  # one inline line after the header
+        {"image": "ct.png", "solution": "<answer>A</answer>", "problem": "Is a lesion visible? Yes or no."},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "med_r1.jsonl", rows)
+    records, report = load_records(path, style="vlm_r1", on_invalid="skip")
+    first, second = records
+    assert first.question == "What imaging technique is employed for obtaining this image?"
+    assert first.options == {"A": "Mammogram", "B": "Positron emission tomography (PET)", "C": "CT", "D": "Fluoroscopy"}
+    assert (first.answer, first.explanation, first.id) == ("C", "", "med_r1-0")
+    assert (second.question, second.options, second.answer) == ("Which modality is this?", {"A": "MRI", "B": "X-ray"}, "B")
+    assert dict(report.skipped) == {"bad_options": 1}
+    assert "record 'med_r1-2' (row 2): problem text has neither an 'Options:' line nor inline options" in report.messages[0]
