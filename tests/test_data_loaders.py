@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import io
 import json
 
@@ -192,3 +193,10 @@ def test_vlm_r1_options_inline_in_the_problem(tmp_path):
     assert (second.question, second.options, second.answer) == ("Which modality is this?", {"A": "MRI", "B": "X-ray"}, "B")
     assert dict(report.skipped) == {"bad_options": 1}
     assert "record 'med_r1-2' (row 2): problem text has neither an 'Options:' line nor inline options" in report.messages[0]
+
+
+def test_option_parsing_doctests_pass():
+    from pathvlm_lightning.data import options
+
+    result = doctest.testmod(options)
+    assert result.attempted >= 7 and result.failed == 0

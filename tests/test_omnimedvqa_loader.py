@@ -101,6 +101,8 @@ def test_release_folder_gives_records_with_letters_from_answer_text(tmp_path):
     qa = write_release(tmp_path / "release")
     records, report = load_records(qa, style="omnimedvqa")
     assert (report.seen, report.kept, report.num_skipped) == (5, 5, 0)
+    assert report.kept_by_part == {"Chest CT Scan": 3, "ISIC2020": 2}
+    assert report.summary().endswith("; kept by part: Chest CT Scan 3, ISIC2020 2")
     # files in sorted name order ("Chest ..." before "ISIC..."), rows in file order
     assert [r.id for r in records] == ["ct-0", "ct-1", "ct-2", "isic-0", "isic-1"]
     assert [r.answer for r in records] == ["C", "B", "B", "B", "A"]
