@@ -50,7 +50,7 @@ def write_release(root: Path) -> Path:
             "test": [
                 _record(0, "01.jpg", _labelled("A")),
                 _record(1, "02.jpg", _labelled("C"), options=3),  # three options
-                _record(2, "02.jpg", _labelled("B")),
+                _record(2, "02.jpg", _labelled("B").lower() + "."),  # the option's text, case and stop aside
             ],
             "test_tiny": [_record(0, "01.jpg", _labelled("A"))],  # repeats PubMed/test No 0
         },

@@ -183,7 +183,9 @@ def resolve_answer(value: Any, options: Mapping[str, str]) -> str:
 
 
 def _normalise(text: str) -> str:
-    return " ".join(text.split()).casefold()
+    """Case, runs of whitespace and a closing full stop do not tell two texts apart (release
+    answers repeat their option with such differences)."""
+    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
 
 
 def _matching_texts(text: str, options: Mapping[str, str]) -> list[str]:
