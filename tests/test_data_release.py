@@ -114,6 +114,9 @@ def test_wrong_shapes_name_the_file_and_the_key(tmp_path):
     with pytest.raises(DataValidationError, match=rf"{flat}: record_style 'pathmmu_release' .* holds a JSON list; "
                        "use record_style 'pathmmu'"):  # fmt: skip
         load_records(flat, style="pathmmu_release")
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataValidationError, match=r"d\.parquet: record_style 'pathmmu_release' reads PathMMU's \.json"):
+        load_records(tmp_path / "d.parquet", style="pathmmu_release")
     odd = json.loads((root / "data.json").read_text())
     odd["Atlas"] = "see the website"
     (root / "data.json").write_text(json.dumps(odd))

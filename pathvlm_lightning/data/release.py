@@ -42,13 +42,13 @@ RELEASE_FIELDS: dict[str, Any] = dict(
 
 
 def release_files(path: str | os.PathLike) -> list[Path]:
-    """The files to read: a folder holding ``data.json`` means that file (its ``*_mapping.json``
-    neighbours repeat its questions with source fields); otherwise as :func:`source_files`."""
+    """The files to read: a folder holding ``data.json`` means that file (``*_mapping.json`` files
+    hold subsets it already has, with their download fields); otherwise as :func:`source_files`."""
     folder = Path(path)
     if folder.is_dir() and (folder / RELEASE_FILE).is_file():
         others = sorted(p.name for p in folder.glob("*.json") if p.name != RELEASE_FILE)
         if others:
-            log.info("%s: reading %s only; %s repeat its questions", folder, RELEASE_FILE, others)
+            log.info("%s: reading %s only, not %s (subsets it already holds)", folder, RELEASE_FILE, others)
         return [folder / RELEASE_FILE]
     return source_files(path)
 
@@ -57,8 +57,11 @@ def release_sources(file: Path, wanted: Sequence[str] | None = None) -> list[Row
     """One :class:`RowSource` per split of ``file`` that ``wanted`` selects (``None``: every split
     but the repeating ones), in file order. Entries of ``wanted`` that match nothing in this file
     are not an error here: a glob may name several files (see :func:`unmatched`)."""
-    value = read_json(file)
-    parts = _parts(file, value)
+    if file.suffix.lower() != ".json" or file.is_dir():
+        raise DataValidationError(
+            f"{file}: record_style {RELEASE_STYLE!r} reads PathMMU's .json release files, not this file", "bad_file"
+        )
+    parts = _parts(file, read_json(file))
     sources = []
     for key, rows in parts.items():
         if not _selected(key, wanted):
