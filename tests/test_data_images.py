@@ -157,3 +157,22 @@ def test_image_paths_must_stay_under_the_image_root(tmp_path):
     assert [r.image for r in allowed[1:]] == [str(outside), str(outside)]
     rows[0]["image"] = str(data / "images" / "0000.png")  # absolute, but under the image root: fine
     assert load_records(write_jsonl(data / "d.jsonl", rows[:1])).records[0].image == rows[0]["image"]
+
+
+def test_huge_image_is_refused_from_its_header_before_decoding(tmp_path):
+    """A 12000x12000 PNG header with no pixel data: refused as too large (not corrupt), so the size
+    check runs before any decoding (which would cost seconds and gigabytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)  # width, height, 8-bit RGB
+    pixels = zlib.compress(b"\x00" * 100)  # a first sliver of one row; the other rows never come
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    (tmp_path / "huge.png").write_bytes(png)
+    too_large = r"is 12000x12000 = 144,000,000 pixels, over max_image_pixels 16,777,216"
+    with pytest.raises(InvalidRecord, match=too_large) as caught:
+        check_image(str(tmp_path / "huge.png"))
+    assert caught.value.kind == "image_too_large"

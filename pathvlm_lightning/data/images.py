@@ -19,6 +19,7 @@ resize, only to be shrunk to the processor's ``max_pixels``).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,8 +106,10 @@ def check_image(path: str, limits: ImageLimits = ImageLimits()) -> None:
     if not os.path.isfile(path):
         raise InvalidRecord("missing_image", f"image file {path!r} does not exist")
     try:
-        with Image.open(path) as image:
-            width, height = image.size
+        with warnings.catch_warnings():  # PIL warns above ~89M pixels; the limits below decide instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
     except Image.DecompressionBombError as err:  # PIL's own limit, far above DEFAULT_MAX_IMAGE_PIXELS
         raise InvalidRecord("image_too_large", f"image file {path!r} is refused by PIL: {err}") from err
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError) for bad files
