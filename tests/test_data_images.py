@@ -10,7 +10,7 @@ from PIL import Image
 
 from pathvlm_lightning.data.collate import PromptCollator
 from pathvlm_lightning.data.datamodule import VQADataModule
-from pathvlm_lightning.data.images import MAX_ASPECT_RATIO, ImageLimits, check_image, load_image
+from pathvlm_lightning.data.images import MAX_ASPECT_RATIO, ImageLimits, check_image, image_tokens, load_image
 from pathvlm_lightning.data.loaders import load_records
 from pathvlm_lightning.data.validation import DataValidationError, InvalidRecord, RecordChecks
 from tests.test_data_support import make_image, pathmmu_rows, record, write_jsonl
@@ -176,3 +176,32 @@ def test_huge_image_is_refused_from_its_header_before_decoding(tmp_path):
     with pytest.raises(InvalidRecord, match=too_large) as caught:
         check_image(str(tmp_path / "huge.png"))
     assert caught.value.kind == "image_too_large"
+
+
+@pytest.mark.parametrize("size", [(56, 56), (300, 200), (2000, 30), (1000, 800)])
+def test_image_tokens_match_the_processor(tiny_processor, size):
+    grid = tiny_processor.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"]
+    assert image_tokens(*size, tiny_processor.image_processor) == int(grid.prod()) // 4  # merge 2 x 2
+
+
+def test_image_over_the_length_limit_is_refused_at_validation(tmp_path, tiny_processor):
+    rows = _rows_with(tmp_path, "wide.png", (300, 300))  # 121 image tokens; the 56x56 tiles take 4
+    kwargs = dict(data_path=str(write_jsonl(tmp_path / "d.jsonl", rows)), split_sizes={"sft": 1, "test": None},
+                  processor=tiny_processor, on_invalid="skip")  # fmt: skip
+    datamodule = VQADataModule(split_dir=str(tmp_path / "a"), max_length=400, max_prompt_length=100, **kwargs)
+    datamodule.prepare_data()
+    assert dict(datamodule.validation_report.skipped) == {"too_long": 1}
+    assert "wide.png' (300x300) becomes 121 image tokens, over max_prompt_length 100 before any text; lower the " \
+           "backbone's max_pixels (now 200,704) or raise max_prompt_length" in datamodule.validation_report.messages[0]
+    unlimited = VQADataModule(split_dir=str(tmp_path / "b"), **kwargs)
+    unlimited.prepare_data()
+    assert unlimited.validation_report.num_skipped == 0
+
+
+def test_image_module_doctests_pass():
+    import doctest
+
+    from pathvlm_lightning.data import images
+
+    result = doctest.testmod(images)
+    assert result.attempted >= 3 and result.failed == 0

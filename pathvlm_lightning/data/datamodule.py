@@ -200,12 +200,24 @@ class VQADataModule(LightningDataModule):
         return SplitManifest(source=records_path, seed=self.hparams.seed, sizes=self.split_sizes)
 
     def record_checks(self) -> RecordChecks:
-        """What every record is checked for: its image (readable, within ``max_image_pixels``) and its
-        text (none of the processor's special tokens; without a processor that check is skipped)."""
+        """What every record is checked for: its image (readable, within ``max_image_pixels``, its
+        tokens within the tighter of ``max_length``/``max_prompt_length``) and its text (none of
+        the processor's special tokens). Without a processor the token checks are skipped."""
+        h = self.hparams
         if self.processor is None:
-            log.warning("VQADataModule has no processor yet: record text is not checked for special tokens")
-        tokens = special_tokens_of(self.processor) if self.processor is not None else ()
-        return RecordChecks(image_limits=ImageLimits(max_pixels=self.hparams.max_image_pixels), special_tokens=tokens)
+            log.warning("VQADataModule has no processor yet: image token counts and special tokens are not checked")
+            return RecordChecks(image_limits=ImageLimits(max_pixels=h.max_image_pixels))
+        limits = [(n, name) for n, name in ((h.max_length, "max_length"), (h.max_prompt_length, "max_prompt_length"))
+                  if n is not None]  # fmt: skip
+        max_tokens, limit_name = min(limits) if limits else (None, "")
+        image_processor = getattr(self.processor, "image_processor", None)
+        image_limits = ImageLimits(
+            max_pixels=h.max_image_pixels,
+            max_tokens=max_tokens,
+            tokens_limit_name=limit_name,
+            image_processor=image_processor if hasattr(image_processor, "merge_size") else None,  # Qwen-VL's
+        )
+        return RecordChecks(image_limits=image_limits, special_tokens=special_tokens_of(self.processor))
 
     def prepare_data(self) -> None:
         """Read and check the source, then write the splits (or confirm the existing ones match)."""

@@ -13,14 +13,16 @@ white, and returns RGB.
 file fails there, not mid-epoch), it refuses images whose size the processor cannot take: an
 aspect ratio over :data:`MAX_ASPECT_RATIO` (the Qwen-VL processor raises) or more pixels than
 ``max_image_pixels`` (a 12000x12000 image costs seconds and gigabytes per batch to decode and
-resize, only to be shrunk to the processor's ``max_pixels``).
+resize, only to be shrunk to the processor's ``max_pixels``), and, given the processor and a
+length limit, images whose tokens alone exceed that limit.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -36,13 +38,41 @@ MAX_ASPECT_RATIO = 200.0
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+def image_tokens(width: int, height: int, image_processor: Any) -> int:
+    """How many tokens a Qwen-VL image processor turns a ``width`` x ``height`` image into: the size
+    its own ``smart_resize`` picks within its pixel bounds, in merged patches.
+
+    >>> from types import SimpleNamespace
+    >>> bounds = SimpleNamespace(shortest_edge=56 * 56, longest_edge=28 * 28 * 256)
+    >>> qwen = SimpleNamespace(patch_size=14, merge_size=2, size=bounds)
+    >>> image_tokens(56, 56, qwen)  # 4 x 4 patches of 14, merged 2 x 2
+    4
+    >>> image_tokens(4000, 4000, qwen)  # shrunk to the 256 tokens of max_pixels
+    256
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    size = image_processor.size
+    resized_height, resized_width = smart_resize(
+        height, width, factor=patch * merge, min_pixels=size.shortest_edge, max_pixels=size.longest_edge
+    )
+    return (resized_height // patch) * (resized_width // patch) // merge**2
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """The sizes :func:`check_image` accepts. ``max_pixels`` (width x height of the file; ``None``:
-    no limit) is the datamodule's ``max_image_pixels``."""
+    no limit) is the datamodule's ``max_image_pixels``. With an ``image_processor``, an image that
+    alone takes more than ``max_tokens`` tokens (:func:`image_tokens`) is refused too: its prompt
+    could never fit the length limit named ``tokens_limit_name``. The text's tokens come on top,
+    so the collators still check the whole length."""
 
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     max_aspect_ratio: float = MAX_ASPECT_RATIO
+    max_tokens: int | None = None
+    tokens_limit_name: str = "the length limit"
+    image_processor: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_pixels is not None and self.max_pixels < 1:
@@ -63,6 +93,15 @@ class ImageLimits:
                 f"image file {path!r} is {width}x{height}, an aspect ratio of {ratio:.1f}; the processor takes "
                 f"at most {self.max_aspect_ratio:g}: crop or pad it",
             )
+        if self.max_tokens is not None and self.image_processor is not None:
+            tokens = image_tokens(width, height, self.image_processor)
+            if tokens > self.max_tokens:
+                raise InvalidRecord(
+                    "too_long",
+                    f"image file {path!r} ({width}x{height}) becomes {tokens} image tokens, over "
+                    f"{self.tokens_limit_name} {self.max_tokens} before any text; lower the backbone's "
+                    f"max_pixels (now {self.image_processor.size.longest_edge:,}) or raise {self.tokens_limit_name}",
+                )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
