@@ -38,12 +38,12 @@ def test_16_bit_gradient_keeps_its_grey_levels(tmp_path):
 def test_float_image_is_scaled_not_black(tmp_path):
     ramp = np.tile(np.linspace(0.0, 1.0, 300, dtype=np.float32), (4, 1))  # [4, 300] in 0..1
     ramp[0, 0] = np.nan
-    Image.fromarray(ramp, mode="F").save(tmp_path / "f.tiff")
+    Image.fromarray(ramp).save(tmp_path / "f.tiff")
     assert np.asarray(Image.open(tmp_path / "f.tiff").convert("L")).max() <= 1  # plain convert: black
     values = np.asarray(load_image(str(tmp_path / "f.tiff")))[..., 0]
     assert values[1, -1] == 255 and values[1, 0] == 0 and values[0, 0] == 0  # NaN -> 0
     assert len(np.unique(values)) >= 200
-    Image.fromarray(np.full((4, 4), 7.5, dtype=np.float32), mode="F").save(tmp_path / "flat.tiff")
+    Image.fromarray(np.full((4, 4), 7.5, dtype=np.float32)).save(tmp_path / "flat.tiff")
     assert np.asarray(load_image(str(tmp_path / "flat.tiff"))).max() == 0  # a constant image is black
 
 

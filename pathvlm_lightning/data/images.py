@@ -124,7 +124,7 @@ def _scaled_to_8_bits(image: Image.Image) -> Image.Image:
         low, high = float(values[finite].min()), float(values[finite].max())
         if high > low:
             scaled[finite] = (values[finite] - low) * (255.0 / (high - low))
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def load_image(path: str) -> Image.Image:
