@@ -11,12 +11,15 @@ The ``judge_server`` and ``judge_key`` fixtures are registered in tests/conftest
 
 Each request takes the next scripted :class:`Scripted` response from the queue; when the queue is
 empty, ``responder(request_json)`` decides (default: a 500). Every request is recorded (headers and
-JSON body) and the most requests in flight at once is tracked.
+JSON body) and the most requests in flight at once is tracked. ``Scripted(hang=True)`` never
+answers: it waits until the client closes the connection (counted in ``abandoned``) or the server
+is closed.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -31,13 +34,15 @@ import pytest
 
 @dataclass
 class Scripted:
-    """One response: ``delay`` seconds before answering; ``drop`` closes the socket unanswered."""
+    """One response: ``delay`` seconds before answering; ``drop`` closes the socket unanswered;
+    ``hang`` never answers."""
 
     status: int = 200
     body: Any = None  # dict -> JSON, str -> sent as is
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    hang: bool = False
 
 
 def completion_body(
@@ -100,6 +105,8 @@ class JudgeServer:
         self.requests: list[Seen] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.abandoned = 0  # hanging requests whose connection the client closed
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
@@ -111,6 +118,7 @@ class JudgeServer:
             self.queue.extend(responses)
 
     def close(self) -> None:
+        self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -143,7 +151,25 @@ class JudgeServer:
                     with server._lock:
                         server.in_flight -= 1
 
+            def _wait_for_the_client_to_leave(self) -> None:
+                while not server._closing.is_set():
+                    readable, _, _ = select.select([self.connection], [], [], 0.02)
+                    if not readable:
+                        continue
+                    try:
+                        gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                    except OSError:
+                        gone = True
+                    if gone:
+                        with server._lock:
+                            server.abandoned += 1
+                        break
+                self.close_connection = True
+
             def _answer(self, scripted: Scripted) -> None:
+                if scripted.hang:
+                    self._wait_for_the_client_to_leave()
+                    return
                 time.sleep(scripted.delay)
                 if scripted.drop:
                     self.connection.shutdown(socket.SHUT_RDWR)

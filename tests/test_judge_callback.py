@@ -85,7 +85,7 @@ def test_begin_then_score_returns_one_reward_per_completion(judge_server, judge_
         metrics = callback.metrics()
         assert metrics["integrity"] == pytest.approx((0.2 + 0.5 + 0.0 + 1.0) / 4)
         assert metrics["knowledge"] == pytest.approx((0.6 + 0.5 + 0.0 + 1.0) / 4)
-        assert (metrics["requests"], metrics["fallbacks"], metrics["fallback/unparseable"]) == (4, 2, 2)
+        assert (metrics["requests"], metrics["fallbacks"], metrics["fallback/unparseable/no_json"]) == (4, 2, 2)
         assert (metrics["prompt_tokens"], metrics["completion_tokens"]) == (400, 40)
         assert metrics["cache_hits"] == 0 and metrics["latency_max"] >= metrics["latency_mean"] > 0
         assert {f"fallback/{f}" for f in FAULTS} <= set(metrics)
