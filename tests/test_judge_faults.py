@@ -84,9 +84,9 @@ def test_a_judge_that_never_answers_is_cut_off_at_the_deadline(judge_server, jud
     """Four completions, two in flight at once (the other two queued), none answered: all fall back
     as ``deadline`` and the two requests sent are cancelled, their connections closed."""
     judge_server.responder = lambda body: Scripted(hang=True)
-    client = make_client(judge_server, timeout=60.0, step_deadline_s=1.0, concurrency=2)
+    client = make_client(judge_server, timeout=60.0, concurrency=2)
     with caplog.at_level(logging.WARNING, logger="pathvlm_lightning.rewards.judge"):
-        results = client.score_batch(items(record, 4))
+        results = client.score_batch(items(record, 4), deadline_s=1.0)
     assert [r.fault for r in results] == ["deadline"] * 4
     assert [r.scores.reward for r in results] == [0.5] * 4  # correct answers: the fallback rule
     assert sorted(r.requests for r in results) == [0, 0, 1, 1]  # sent ones are counted (and budgeted)
@@ -101,8 +101,8 @@ def test_a_judge_that_never_answers_is_cut_off_at_the_deadline(judge_server, jud
 def test_replies_before_the_deadline_are_kept(judge_server, judge_key, record):
     judge_server.push(scores_reply(0.2, 0.2))
     judge_server.responder = lambda body: Scripted(hang=True)
-    client = make_client(judge_server, step_deadline_s=1.0, concurrency=1)
-    results = client.score_batch(items(record, 2))
+    client = make_client(judge_server, concurrency=1)
+    results = client.score_batch(items(record, 2), deadline_s=1.0)
     assert [(r.source, r.fault) for r in results] == [("judge", None), ("fallback", "deadline")]
     assert results[0].scores.reward == pytest.approx(0.2)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -261,6 +264,36 @@ def test_a_judge_that_never_answers_costs_each_step_at_most_the_deadline(judge_s
     assert logged["reward/process"] == pytest.approx([0.5 * a for a in logged["reward/accuracy"]])
     judge_server.close()
     assert judge_server.abandoned == 8
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_when_one_rank_is_refused(judge_server, judge_key, records, tmp_path):
+    """DDP on 2 CPU processes; only rank 1's key is wrong (401 on its 2 requests, max_auth_failures
+    2). Both ranks must stop with the error in the first step, rank 0 saying it came from another
+    rank; were the decision per rank, rank 0 would wait in the gradient all-reduce until the
+    subprocess timeout below. (The key unset on one rank at setup is decided the same way, with
+    the same collective.)"""
+    rank_one_key = "sk-wrong-on-rank-1"
+    judge_server.accepted_keys = {judge_key}
+    judge_server.responder = lambda body: scores_reply(0.6, 1.0)
+    root = tmp_path / "run"
+    path = write_config(root, records, judge_entry(judge_server, max_auth_failures=2))
+    config = yaml.safe_load(path.read_text())
+    trainer = config["trainer"]
+    trainer["devices"] = 2
+    trainer["strategy"] = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                           "init_args": {"process_group_backend": "gloo"}}
+    rank_key = {"class_path": "tests.judge_server.KeyOnRank", "init_args": {"rank": 1, "value": rank_one_key}}
+    trainer["callbacks"].insert(len(trainer["callbacks"]) - 1, rank_key)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "pathvlm_lightning", "fit", "--config", str(path)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "on another rank" in done.stderr, done.stderr[-3000:]
+    assert JUDGE_KEY_ENV in done.stderr and judge_key not in done.stdout + done.stderr
+    assert not (root / "checkpoints" / "step=1.ckpt").exists()  # stopped in the first step, before a save
+    assert sum(seen.headers["authorization"] == f"Bearer {rank_one_key}" for seen in judge_server.requests) == 2
 
 
 class ReferenceWindow:

@@ -104,7 +104,8 @@ class ProcessReward(RewardCallback):
         self._start()
         assert self._client is not None and self._loop is not None
         items = [JudgeItem.of(rollout.record_of(i), text) for i, text in enumerate(rollout.completion_texts)]
-        self._pending = (rollout, self._loop.submit(self._client.score_many(items)))
+        judged = self._client.score_many(items, deadline_s=self.judge.step_deadline_s)
+        self._pending = (rollout, self._loop.submit(judged))
 
     @override
     def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:

@@ -116,14 +116,15 @@ class JudgeClient:
             "rather than train on fallback scores only."
         )
 
-    def score_batch(self, items: list[JudgeItem]) -> list[JudgeResult]:
+    def score_batch(self, items: list[JudgeItem], deadline_s: float | None = None) -> list[JudgeResult]:
         """Blocking form of :meth:`score_many` (not for use inside a running event loop)."""
-        return asyncio.run(self.score_many(items))
+        return asyncio.run(self.score_many(items, deadline_s))
 
-    async def score_many(self, items: list[JudgeItem]) -> list[JudgeResult]:
+    async def score_many(self, items: list[JudgeItem], deadline_s: float | None = None) -> list[JudgeResult]:
         """One result per item, in order; at most ``config.concurrency`` requests in flight, and
-        nothing waited for past ``config.step_deadline_s``: requests still open then are cancelled
-        (their connections closed) and those completions fall back as ``deadline``.
+        nothing waited for past ``deadline_s`` seconds (a training step passes
+        ``config.step_deadline_s``; None waits for every reply): requests still open then are
+        cancelled (their connections closed) and those completions fall back as ``deadline``.
 
         Identical completions of one batch (same image, question and text: common once a policy
         has converged) are judged once; each repeat shares that result (as a cache hit, or as the
@@ -154,7 +155,7 @@ class JudgeClient:
                 )
                 for key, i in first.items()
             }
-            _, late = await asyncio.wait(tasks.values(), timeout=self.config.step_deadline_s)
+            _, late = await asyncio.wait(tasks.values(), timeout=deadline_s)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -163,19 +164,19 @@ class JudgeClient:
             if task.cancelled() else task.result()
             for key, task in tasks.items()
         }
-        self._log_summary(list(judged.values()))
+        self._log_summary(list(judged.values()), deadline_s)
         return [judged[key] if first[key] == i else _repeat(judged[key]) for i, key in enumerate(keys)]
 
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
 
-    def _log_summary(self, results: list[JudgeResult]) -> None:
+    def _log_summary(self, results: list[JudgeResult], deadline_s: float | None) -> None:
         """One line per batch for the faults not logged per completion."""
         deadline = sum(r.fault == "deadline" for r in results)
         if deadline:
             log.warning("judge: %d of %d completions not judged within the step deadline of %.1f s: "
-                        "requests cancelled, fallback scores", deadline, len(results), self.config.step_deadline_s)
+                        "requests cancelled, fallback scores", deadline, len(results), deadline_s)
         auth = sum(r.fault == "auth" for r in results)
         if auth:
             log.warning("judge: %d of %d completions fell back because %s rejected the credentials in %s",

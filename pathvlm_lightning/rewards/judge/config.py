@@ -31,7 +31,8 @@ class JudgeConfig:
     """Retries after a timeout, dropped connection, 408/409/429 or 5xx; other statuses are not retried."""
     step_deadline_s: float = 20.0
     """Seconds a training step waits for its judge replies, retries and backoff included (counted
-    from ``begin``); what has not come back by then is cancelled and gets the fallback score."""
+    from ``begin``); what has not come back by then is cancelled and gets the fallback score.
+    Training only: commands that judge a whole file (judge_consistency) wait for every reply."""
     max_auth_failures: int = 3
     """Consecutive requests rejected with 401/403 (or not sent: key variable unset) after which the
     fit stops with an error, rather than training on fallback scores only."""
@@ -47,7 +48,9 @@ class JudgeConfig:
     """HTTP requests this process may send over the run (retries count); then fallback scores."""
     budget_tokens: int | None = None
     """Prompt + completion tokens this process may spend over the run; then fallback scores. Checked
-    before each request, so requests already in flight may overshoot by up to ``concurrency`` replies."""
+    before each request, so requests already in flight may overshoot by up to ``concurrency`` replies.
+    Counts what servers report (replies, and error bodies that carry ``usage``): a request that timed
+    out or was cancelled counts towards ``budget_requests`` only, whatever the server billed for it."""
     cache_path: str | None = None
     """SQLite file of judged completions (e.g. in the run folder); a score in it is never paid twice."""
 
