@@ -4,8 +4,9 @@
 loop, so the reference forward runs meanwhile) and collects the scores in ``score``. Judge faults
 never reach training: they become the paper's fallback scores and show up in ``metrics()``.
 Rejected credentials are the one fault that stops the fit (:class:`JudgeAuthError`), decided
-the same way on every rank. ``RubricProcessReward`` scores the same rubric with rules, offline and for free (a stand-in, not
-GPT-4o); it is the embedded default for stage 3 so the pipeline runs with no API key.
+the same way on every rank. ``RubricProcessReward`` scores the same rubric with rules, offline
+and for free (a stand-in, not GPT-4o); it is the embedded default for stage 3 so the pipeline
+runs with no API key.
 """
 
 from __future__ import annotations

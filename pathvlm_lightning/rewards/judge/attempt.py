@@ -15,7 +15,13 @@ from typing import Any
 
 import openai
 
-from pathvlm_lightning.rewards.judge.parse import CHARS_PER_TOKEN, JudgeScores, UnparseableReply, body_cause, parse_reply
+from pathvlm_lightning.rewards.judge.parse import (
+    CHARS_PER_TOKEN,
+    JudgeScores,
+    UnparseableReply,
+    body_cause,
+    parse_reply,
+)
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 """Statuses worth another try; any other error status (400, 404 ...) would fail again."""
@@ -64,8 +70,12 @@ def _usage(obj: Any) -> tuple[int, int]:
     if obj is None:
         return 0, 0
     get = obj.get if isinstance(obj, dict) else lambda name: getattr(obj, name, None)
-    counts = [get("prompt_tokens"), get("completion_tokens")]
-    return tuple(c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else 0 for c in counts)  # type: ignore[return-value]
+
+    def count(name: str) -> int:
+        value = get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    return count("prompt_tokens"), count("completion_tokens")
 
 
 def _error_usage(response: Any) -> tuple[int, int]:

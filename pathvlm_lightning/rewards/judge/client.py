@@ -260,7 +260,8 @@ class JudgeClient:
             self.auth_failures += 1
             self._auth_cause = f"HTTP {outcome.status}"
             log.warning(
-                "judge: HTTP %d from %s: the endpoint rejected the credentials in %s (%d in a row; the fit stops at %d)",
+                "judge: HTTP %d from %s: the endpoint rejected the credentials in %s "
+                "(%d in a row; the fit stops at %d)",
                 outcome.status, self.config.endpoint(), self.config.api_key_env, self.auth_failures,
                 self.config.max_auth_failures,
             )
