@@ -184,3 +184,7 @@ def test_the_cache_key_holds_no_credentials(judge_server, judge_key, record, mon
     assert client.verdict_settings() == settings
     url = judge_server.base_url.replace("http://", "http://user:secret@") + "?api-key=secret"
     assert "secret" not in json.dumps(make_client(judge_server, base_url=url).verdict_settings())
+
+
+def test_an_empty_batch_sends_nothing(judge_server, judge_key):
+    assert make_client(judge_server).score_batch([], deadline_s=1.0) == [] and judge_server.requests == []

@@ -3,7 +3,7 @@
 Free of Lightning; :mod:`pathvlm_lightning.callbacks.process_reward` adapts it to training.
 """
 
-from pathvlm_lightning.rewards.judge.attempt import Attempt, retry_after_seconds
+from pathvlm_lightning.rewards.judge.attempt import retry_after_seconds
 from pathvlm_lightning.rewards.judge.budget import JudgeBudget
 from pathvlm_lightning.rewards.judge.cache import JudgeCache, cache_key
 from pathvlm_lightning.rewards.judge.client import JudgeAuthError, JudgeClient
@@ -23,7 +23,6 @@ __all__ = [
     "RUBRIC",
     "RUBRIC_VERSION",
     "UNPARSEABLE",
-    "Attempt",
     "JudgeAuthError",
     "JudgeBudget",
     "JudgeCache",

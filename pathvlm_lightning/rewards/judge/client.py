@@ -129,6 +129,7 @@ class JudgeClient:
         Identical completions of one batch (same image, question and text: common once a policy
         has converged) are judged once; each repeat shares that result (as a cache hit, or as the
         same fallback) with no requests or tokens of its own, so the counters add up to what was sent."""
+        started = time.monotonic()
         env_name = self.config.api_key_env
         if not os.environ.get(env_name):
             self.auth_failures += len(items)
@@ -155,7 +156,10 @@ class JudgeClient:
                 )
                 for key, i in first.items()
             }
-            _, late = await asyncio.wait(tasks.values(), timeout=deadline_s)
+            late: set[asyncio.Future[JudgeResult]] = set()
+            if tasks:
+                left = None if deadline_s is None else max(deadline_s - (time.monotonic() - started), 0.0)
+                _, late = await asyncio.wait(tasks.values(), timeout=left)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
