@@ -141,9 +141,9 @@ def parse_reply(reply: str | None, max_tokens: int = 200) -> JudgeScores:
         raise UnparseableReply(cause)
     assert reply is not None
     text = reply.strip()
+    block = _closing_block(text)  # a reply that ends with a fence cannot be one JSON value
+    if block is not None:
+        return _verdict(block)
     if text.startswith(("{", "[")):  # the whole reply is JSON (a list is read to say wrong_type)
         return _verdict(text)
-    block = _closing_block(text)
-    if block is None:
-        raise UnparseableReply("no_json")
-    return _verdict(block)
+    raise UnparseableReply("no_json")
