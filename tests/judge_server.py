@@ -11,12 +11,17 @@ The ``judge_server`` and ``judge_key`` fixtures are registered in tests/conftest
 
 Each request takes the next scripted :class:`Scripted` response from the queue; when the queue is
 empty, ``responder(request_json)`` decides (default: a 500). Every request is recorded (headers and
-JSON body) and the most requests in flight at once is tracked.
+JSON body) and the most requests in flight at once is tracked. With ``accepted_keys`` set, a request
+whose bearer key is not in it gets a 401 before any script. ``Scripted(hang=True)`` never
+answers: it waits until the client closes the connection (counted in ``abandoned``) or the server
+is closed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import socket
 import threading
 import time
@@ -27,17 +32,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 @dataclass
 class Scripted:
-    """One response: ``delay`` seconds before answering; ``drop`` closes the socket unanswered."""
+    """One response: ``delay`` seconds before answering; ``drop`` closes the socket unanswered;
+    ``hang`` never answers."""
 
     status: int = 200
     body: Any = None  # dict -> JSON, str -> sent as is
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    hang: bool = False
 
 
 def completion_body(
@@ -100,6 +108,9 @@ class JudgeServer:
         self.requests: list[Seen] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.abandoned = 0  # hanging requests whose connection the client closed
+        self.accepted_keys: set[str] | None = None
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
@@ -111,10 +122,14 @@ class JudgeServer:
             self.queue.extend(responses)
 
     def close(self) -> None:
+        self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _next(self, body: dict) -> Scripted:
+    def _next(self, body: dict, headers: dict[str, str]) -> Scripted:
+        key = headers.get("authorization", "").removeprefix("Bearer ")
+        if self.accepted_keys is not None and key not in self.accepted_keys:
+            return Scripted(status=401, body={"error": {"message": "Incorrect API key provided"}})
         with self._lock:
             if self.queue:
                 return self.queue.popleft()
@@ -138,12 +153,30 @@ class JudgeServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    self._answer(server._next(body))
+                    self._answer(server._next(body, headers))
                 finally:
                     with server._lock:
                         server.in_flight -= 1
 
+            def _wait_for_the_client_to_leave(self) -> None:
+                while not server._closing.is_set():
+                    readable, _, _ = select.select([self.connection], [], [], 0.02)
+                    if not readable:
+                        continue
+                    try:
+                        gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                    except OSError:
+                        gone = True
+                    if gone:
+                        with server._lock:
+                            server.abandoned += 1
+                        break
+                self.close_connection = True
+
             def _answer(self, scripted: Scripted) -> None:
+                if scripted.hang:
+                    self._wait_for_the_client_to_leave()
+                    return
                 time.sleep(scripted.delay)
                 if scripted.drop:
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -182,3 +215,20 @@ def judge_key(monkeypatch: pytest.MonkeyPatch) -> str:
     key = "sk-test-not-a-real-key"
     monkeypatch.setenv(JUDGE_KEY_ENV, key)
     return key
+
+
+class KeyOnRank(Callback):
+    """For multi-process fits: at ``setup``, on rank ``rank`` only, sets the judge key's variable to
+    ``value`` (``None`` unsets it). List it before the ``ProcessReward`` callback."""
+
+    def __init__(self, rank: int = 1, value: str | None = None) -> None:
+        self.rank = rank
+        self.value = value
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        if self.value is None:
+            os.environ.pop(JUDGE_KEY_ENV, None)
+        else:
+            os.environ[JUDGE_KEY_ENV] = self.value

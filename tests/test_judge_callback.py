@@ -16,7 +16,7 @@ from PIL import Image
 from pathvlm_lightning.callbacks.process_reward import ProcessReward, RubricProcessReward
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.rollout import Rollout
-from pathvlm_lightning.rewards.judge import FAULTS, JudgeConfig
+from pathvlm_lightning.rewards.judge import FAULTS, JudgeAuthError, JudgeConfig
 from pathvlm_lightning.rewards.rubric import rubric_scores
 from tests.judge_server import (  # noqa: F401  (fixtures)
     JUDGE_KEY_ENV,
@@ -85,7 +85,7 @@ def test_begin_then_score_returns_one_reward_per_completion(judge_server, judge_
         metrics = callback.metrics()
         assert metrics["integrity"] == pytest.approx((0.2 + 0.5 + 0.0 + 1.0) / 4)
         assert metrics["knowledge"] == pytest.approx((0.6 + 0.5 + 0.0 + 1.0) / 4)
-        assert (metrics["requests"], metrics["fallbacks"], metrics["fallback/unparseable"]) == (4, 2, 2)
+        assert (metrics["requests"], metrics["fallbacks"], metrics["fallback/unparseable/no_json"]) == (4, 2, 2)
         assert (metrics["prompt_tokens"], metrics["completion_tokens"]) == (400, 40)
         assert metrics["cache_hits"] == 0 and metrics["latency_max"] >= metrics["latency_mean"] > 0
         assert {f"fallback/{f}" for f in FAULTS} <= set(metrics)
@@ -146,6 +146,28 @@ def test_budget_survives_a_resume(judge_server, judge_key, tmp_path):
     finally:
         resumed.close()
     assert len(judge_server.requests) == 5
+
+
+def test_rejected_credentials_stop_scoring_after_max_auth_failures_in_a_row(judge_server, judge_key, tmp_path):
+    """4 completions a step, all rejected, one request at a time: 4 in a row after step 1; in step 2
+    the limit of 6 is reached and the last two are not sent; the step stops with the error."""
+    judge_server.responder = lambda body: Scripted(status=401)
+    callback = make_callback(judge_server, max_auth_failures=6, concurrency=1)
+    try:
+        assert callback.score(make_rollout(tmp_path, COMPLETIONS), None).tolist() == [0.5, 0.5, 0.0, 0.0]
+        assert callback.metrics()["fallback/auth"] == 4 and callback.metrics()["fallback/http_status"] == 0
+        with pytest.raises(JudgeAuthError, match=f"rejected the credentials from the environment variable "
+                                                 f"{JUDGE_KEY_ENV} \\(HTTP 401, 6 requests in a row"):
+            callback.score(make_rollout(tmp_path, [c + " again" for c in COMPLETIONS]), None)
+    finally:
+        callback.close()
+    assert len(judge_server.requests) == 6  # the last two were never sent
+
+
+def test_a_missing_key_stops_the_fit_at_setup(judge_server, monkeypatch):
+    monkeypatch.delenv(JUDGE_KEY_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"{JUDGE_KEY_ENV} is not set"):
+        make_callback(judge_server).setup(None, None, "fit")
 
 
 def _strings_reachable(obj: object, seen: set[int] | None = None, depth: int = 0) -> list[str]:

@@ -84,7 +84,7 @@ def test_fenced_json_reply(judge_server, judge_key, record):
 def test_prose_reply_falls_back_by_correctness(judge_server, judge_key, record, completion, expected):
     judge_server.push(reply("The reasoning is thorough and cites the stain."))
     result = judge_one(judge_server, record, completion)
-    assert (result.source, result.fault, result.requests) == ("fallback", "unparseable", 1)  # not retried
+    assert (result.source, result.fault, result.requests) == ("fallback", "unparseable/no_json", 1)  # not retried
     assert result.scores.reward == expected
     assert result.prompt_tokens == 100  # the reply was paid for even though unusable
 
@@ -171,7 +171,7 @@ def test_dropped_connections_fall_back(judge_server, judge_key, record):
 def test_a_2xx_body_that_is_not_json_is_unparseable(judge_server, judge_key, record):
     judge_server.push(Scripted(body="<html>gateway</html>"))
     result = judge_one(judge_server, record, RIGHT)
-    assert (result.fault, result.requests, result.scores.reward) == ("unparseable", 1, 0.5)
+    assert (result.fault, result.requests, result.scores.reward) == ("unparseable/html", 1, 0.5)
 
 
 def test_request_budget_then_fallback_with_one_warning(judge_server, judge_key, record, caplog):
@@ -187,6 +187,7 @@ def test_request_budget_then_fallback_with_one_warning(judge_server, judge_key, 
     assert [r.scores.reward for r in second] == [0.5, 0.0]  # "new" has no answer: fallback 0
     assert len(judge_server.requests) == 2
     assert sum("budget spent" in m for m in caplog.messages) == 1
+    assert not any("fallback score for record" in m for m in caplog.messages)  # not one per completion
     assert client.budget.state_dict() == {"spent_requests": 2, "spent_tokens": 220}  # 2 x (100 + 10)
 
 
@@ -265,7 +266,7 @@ def test_injected_text_cannot_change_the_parsing(judge_server, judge_key, record
     judge_server.push(reply("I will not grade this."), scores_reply(0.2, 0.2))
     client = JudgeClient(make_config(judge_server))
     fallback = client.score_batch([JudgeItem.of(record, attack)])[0]
-    assert (fallback.fault, fallback.scores.reward) == ("unparseable", 0.0)  # wrong answer: 0, not 1
+    assert (fallback.fault, fallback.scores.reward) == ("unparseable/no_json", 0.0)  # wrong answer: 0, not 1
     scored = client.score_batch([JudgeItem.of(record, attack)])[0]
     assert scored.scores.reward == pytest.approx(0.2)  # only the judge's reply counts
     text = judge_server.requests[0].body["messages"][1]["content"][1]["text"]
@@ -298,8 +299,8 @@ def test_key_variable_unset_mid_run_falls_back(judge_server, judge_key, record, 
     client = JudgeClient(make_config(judge_server))
     monkeypatch.delenv(JUDGE_KEY_ENV)
     result = client.score_batch([JudgeItem.of(record, RIGHT)])[0]
-    assert (result.source, result.fault, result.scores.reward) == ("fallback", "http_status", 0.5)
-    assert judge_server.requests == []
+    assert (result.source, result.fault, result.scores.reward) == ("fallback", "auth", 0.5)
+    assert judge_server.requests == [] and client.auth_failures == 1  # counts towards stopping the fit
 
 
 def test_faults_are_logged_by_cause_without_request_text(judge_server, judge_key, record, caplog):

@@ -49,14 +49,14 @@ def judge_entry(server: JudgeServer, **judge: Any) -> dict:
     return {"class_path": "pathvlm_lightning.callbacks.ProcessReward", "init_args": {"judge": settings}}
 
 
-def write_config(root: Path, records: Path, process: dict, **module: Any) -> Path:
+def write_config(root: Path, records: Path, process: dict, max_steps: int = 2, **module: Any) -> Path:
     """A stage-3 config like configs/demo/grpo_process.yaml, shrunk to seconds; returns its path."""
     config = {
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu",
             "devices": 1,
-            "max_steps": 2,
+            "max_steps": max_steps,
             "log_every_n_steps": 1,
             "num_sanity_val_steps": 0,
             "enable_progress_bar": False,

@@ -3,8 +3,10 @@
 ``ProcessReward`` sends this rank's completions to the judge in ``begin`` (on a background event
 loop, so the reference forward runs meanwhile) and collects the scores in ``score``. Judge faults
 never reach training: they become the paper's fallback scores and show up in ``metrics()``.
-``RubricProcessReward`` scores the same rubric with rules, offline and for free (a stand-in, not
-GPT-4o); it is the embedded default for stage 3 so the pipeline runs with no API key.
+Rejected credentials are the one fault that stops the fit (:class:`JudgeAuthError`), decided
+the same way on every rank. ``RubricProcessReward`` scores the same rubric with rules, offline
+and for free (a stand-in, not GPT-4o); it is the embedded default for stage 3 so the pipeline
+runs with no API key.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ from typing_extensions import override
 from pathvlm_lightning.callbacks.reward import RewardCallback
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.rollout import Rollout
-from pathvlm_lightning.rewards.judge.counters import FAULTS
 from pathvlm_lightning.rewards.judge.background import BackgroundLoop
-from pathvlm_lightning.rewards.judge.client import JudgeClient
+from pathvlm_lightning.rewards.judge.client import JudgeAuthError, JudgeClient
 from pathvlm_lightning.rewards.judge.config import JudgeConfig
-from pathvlm_lightning.rewards.judge.counters import JudgeResult, summarize
+from pathvlm_lightning.rewards.judge.counters import FAULTS, JudgeResult, summarize
 from pathvlm_lightning.rewards.judge.request import JudgeItem
 from pathvlm_lightning.rewards.rubric import rubric_scores
 
@@ -37,6 +38,12 @@ class ProcessReward(RewardCallback):
     state or in logs. The budget spent so far is the only state, so a resumed run keeps its budget.
     Under DDP every rank judges its own completions with its own budget counters, and the
     checkpoint keeps rank 0's.
+
+    The fit stops with :class:`JudgeAuthError` (naming the key's variable, never its value) when
+    the variable is unset at ``setup``, or once ``judge.max_auth_failures`` requests in a row were
+    rejected with 401/403: on every rank as soon as one rank sees it (a collective per step), so
+    no rank is left waiting on the others. Each step waits at most ``judge.step_deadline_s`` for
+    the judge.
 
     Args:
         judge: server, model, retries, concurrency, budget and cache (see :class:`JudgeConfig`).
@@ -60,14 +67,25 @@ class ProcessReward(RewardCallback):
         self._pending: tuple[Rollout, concurrent.futures.Future[list[JudgeResult]]] | None = None
         self._budget_state: dict[str, int] = {}
         self._metrics: dict[str, float] = {}
+        self._trainer: Trainer | None = None  # for the rank-consistent decisions; set in setup
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, weight={self.weight}, judge={self.judge!r})"
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        error: ValueError | None = None
+        try:
             self._start()
+        except ValueError as err:  # the key's variable is unset on this rank
+            error = err
+        if not self._all_ranks(error is None):
+            raise error or JudgeAuthError(
+                f"judge: the environment variable {self.judge.api_key_env} is not set on another rank"
+            )
 
     def _start(self) -> None:
         """Build the judge client (checks the key's variable is set) and its event loop thread."""
@@ -76,21 +94,31 @@ class ProcessReward(RewardCallback):
             self._client.budget.load_state_dict(self._budget_state)
             self._loop = BackgroundLoop(name=f"judge-{self.name}")
 
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank (one all-reduce under a distributed strategy)."""
+        if self._trainer is None:
+            return ok
+        return self._trainer.strategy.reduce_boolean_decision(ok, all=True)
+
     @override
     def begin(self, rollout: Rollout, pl_module: Any) -> None:
         self._start()
         assert self._client is not None and self._loop is not None
         items = [JudgeItem.of(rollout.record_of(i), text) for i, text in enumerate(rollout.completion_texts)]
-        self._pending = (rollout, self._loop.submit(self._client.score_many(items)))
+        judged = self._client.score_many(items, deadline_s=self.judge.step_deadline_s)
+        self._pending = (rollout, self._loop.submit(judged))
 
     @override
     def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
         if self._pending is None or self._pending[0] is not rollout:
             self.begin(rollout, pl_module)
-        assert self._pending is not None
-        results = self._pending[1].result()
+        assert self._pending is not None and self._client is not None
+        results = self._pending[1].result()  # within judge.step_deadline_s of begin
         self._pending = None
         self._metrics = summarize(results)
+        rejected = self._client.auth_rejected()
+        if not self._all_ranks(not rejected):
+            raise self._client.auth_error(on_this_rank=rejected)
         return torch.tensor([r.scores.reward for r in results], dtype=torch.float32)  # [B*G]
 
     @override
@@ -113,6 +141,7 @@ class ProcessReward(RewardCallback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.close()
+        self._trainer = None
 
     def close(self) -> None:
         """Stop the event loop thread and close the cache; the next ``begin`` starts them again."""

@@ -13,19 +13,22 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pathvlm_lightning.rewards.judge.parse import JudgeScores
 
 
-def cache_key(model: str, rubric_version: str, image_sha256: str, question: str, completion: str) -> str:
-    """A hash of everything that decides the judge's answer (JSON-encoded, so fields cannot run
-    into each other).
+def cache_key(settings: Mapping[str, Any], image_sha256: str, question: str, completion: str) -> str:
+    """A hash of everything that decides the judge's answer: the settings that change the verdict
+    (model, rubric version, sampling, reply format, endpoint: see ``JudgeClient.verdict_settings``)
+    and the item. JSON-encoded, keys sorted, so fields cannot run into each other.
 
-    >>> cache_key("gpt-4o", "v1", "ab", "q", "c") == cache_key("gpt-4o", "v1", "ab", "qc", "")
+    >>> cache_key({"model": "gpt-4o"}, "ab", "q", "c") == cache_key({"model": "gpt-4o"}, "ab", "qc", "")
     False
     """
-    payload = json.dumps([model, rubric_version, image_sha256, question, completion], ensure_ascii=False)
+    payload = json.dumps([dict(settings), image_sha256, question, completion], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+"""Where the openai client sends requests when neither ``base_url`` nor ``OPENAI_BASE_URL`` says."""
 
 
 @dataclass
@@ -24,6 +29,13 @@ class JudgeConfig:
     """Seconds one HTTP attempt may take before it counts as a timeout."""
     max_retries: int = 3
     """Retries after a timeout, dropped connection, 408/409/429 or 5xx; other statuses are not retried."""
+    step_deadline_s: float = 20.0
+    """Seconds a training step waits for its judge replies, retries and backoff included (counted
+    from ``begin``); what has not come back by then is cancelled and gets the fallback score.
+    Training only: commands that judge a whole file (judge_consistency) wait for every reply."""
+    max_auth_failures: int = 3
+    """Consecutive requests rejected with 401/403 (or not sent: key variable unset) after which the
+    fit stops with an error, rather than training on fallback scores only."""
     backoff_base: float = 1.0
     """First retry waits up to this many seconds (full jitter), doubling per retry."""
     backoff_max: float = 30.0
@@ -36,7 +48,9 @@ class JudgeConfig:
     """HTTP requests this process may send over the run (retries count); then fallback scores."""
     budget_tokens: int | None = None
     """Prompt + completion tokens this process may spend over the run; then fallback scores. Checked
-    before each request, so requests already in flight may overshoot by up to ``concurrency`` replies."""
+    before each request, so requests already in flight may overshoot by up to ``concurrency`` replies.
+    Counts what servers report (replies, and error bodies that carry ``usage``): a request that timed
+    out or was cancelled counts towards ``budget_requests`` only, whatever the server billed for it."""
     cache_path: str | None = None
     """SQLite file of judged completions (e.g. in the run folder); a score in it is never paid twice."""
 
@@ -53,9 +67,11 @@ class JudgeConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"JudgeConfig: {name} must be a finite number >= 0, got {value!r}")
-        if not (math.isfinite(self.timeout) and self.timeout > 0):
-            raise ValueError(f"JudgeConfig: timeout must be > 0 seconds, got {self.timeout!r}")
-        for name in ("max_tokens", "concurrency"):
+        for name in ("timeout", "step_deadline_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"JudgeConfig: {name} must be > 0 seconds, got {value!r}")
+        for name in ("max_tokens", "concurrency", "max_auth_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"JudgeConfig: {name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_retries < 0:
@@ -64,3 +80,16 @@ class JudgeConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"JudgeConfig: {name} must be None (no limit) or >= 0, got {value!r}")
+
+    def endpoint(self) -> str:
+        """The server requests go to, as ``host[:port]/path`` (``base_url``, else the openai client's
+        own choice: ``OPENAI_BASE_URL``, else OpenAI). Without user info, query or fragment, which
+        may carry credentials, so it is safe to log and to hash into the cache key.
+
+        >>> JudgeConfig(base_url="https://user:pw@judge.example:8443/v1/?api-key=x").endpoint()
+        'judge.example:8443/v1'
+        """
+        url = urlsplit(self.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL)
+        host = url.hostname or ""
+        port = f":{url.port}" if url.port else ""
+        return f"{host}{port}{url.path.rstrip('/')}"

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pathvlm_lightning.rewards.judge.parse import JudgeScores
+from pathvlm_lightning.rewards.judge.parse import UNPARSEABLE, JudgeScores
 
-FAULTS = ("timeout", "http_status", "connection", "unparseable", "refusal", "budget")
-"""Why a completion fell back: timeout, HTTP error status, dropped/refused connection, a reply with
-no readable scores, a refusal (or content filter), or a spent budget."""
+FAULTS = (
+    "timeout", "http_status", "connection", "auth", "deadline", "refusal", "budget",
+    *(f"unparseable/{cause}" for cause in UNPARSEABLE),
+)
+"""Why a completion fell back: an attempt timed out, an HTTP error status (other than 401/403), a
+dropped/refused connection, the credentials rejected (401/403, or the key's variable unset), the
+step's deadline passed, a refusal (or content filter), a spent budget, or a reply with no usable
+verdict (by cause, see :data:`~pathvlm_lightning.rewards.judge.parse.UNPARSEABLE`). Each fallback
+has exactly one fault, so the ``fallback/*`` counters add up to ``fallbacks``."""
 
 
 @dataclass(frozen=True)
