@@ -10,6 +10,8 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from pathvlm_lightning.checkpoint_io import use_atomic_checkpoints
+
 
 class PathVLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
@@ -19,6 +21,10 @@ class PathVLMCLI(LightningCLI):
         parser.link_arguments(
             "model", "data.init_args.batch_kind", compute_fn=lambda m: m.batch_kind, apply_on="instantiate"
         )
+
+    def instantiate_trainer(self, **kwargs):
+        # Checkpoint files written atomically unless the config chose its own checkpoint plugin.
+        return use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> PathVLMCLI:
