@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from pathvlm_lightning.checkpoint_io import use_atomic_checkpoints
+from pathvlm_lightning.redact import add_secrets, secrets_in_config
 
 
 class PathVLMCLI(LightningCLI):
@@ -21,6 +22,10 @@ class PathVLMCLI(LightningCLI):
         parser.link_arguments(
             "model", "data.init_args.batch_kind", compute_fn=lambda m: m.batch_kind, apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        # Keys named by api_key_env in a YAML (not only on the command line) are masked in the output.
+        add_secrets(secrets_in_config(self.config.as_dict()))
 
     def instantiate_trainer(self, **kwargs):
         # Checkpoint files written atomically unless the config chose its own checkpoint plugin.

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 MASK = "[REDACTED]"
 
@@ -50,10 +50,37 @@ def secrets_from(argv: Sequence[str] = (), environ: Mapping[str, str] | None = N
     environ = os.environ if environ is None else environ
     found = {value for name, value in environ.items() if _SECRET_NAME.search(name)}
     for value in _api_key_env_arguments(argv):
-        found.add(environ.get(value, ""))
-        if _looks_like_a_key(value, environ):
-            found.add(value)
+        found |= _named_by(value, environ)
     return {value for value in found if len(value) >= MIN_SECRET_LENGTH}
+
+
+def secrets_in_config(config: Any, environ: Mapping[str, str] | None = None) -> set[str]:
+    """The values to mask for a parsed config (nested mappings and lists): those of the variables
+    its ``api_key_env`` settings name, and any such setting that looks like the key itself.
+
+    >>> sorted(secrets_in_config({"trainer": {"callbacks": [{"judge": {"api_key_env": "J"}}]}}, {"J": "value-of-j"}))
+    ['value-of-j']
+    """
+    environ = os.environ if environ is None else environ
+    found: set[str] = set()
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            if str(key).endswith("api_key_env") and isinstance(value, str):
+                found |= _named_by(value, environ)
+            else:
+                found |= secrets_in_config(value, environ)
+    elif isinstance(config, list):
+        for value in config:
+            found |= secrets_in_config(value, environ)
+    return {value for value in found if len(value) >= MIN_SECRET_LENGTH}
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Mask ``secrets`` too in the streams :func:`redact_process_output` filters (the CLI adds those
+    of the parsed config: a YAML may name the variable)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, RedactingStream):
+            stream.secrets |= {value for value in secrets if len(value) >= MIN_SECRET_LENGTH}
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -75,7 +102,7 @@ class RedactingStream(io.TextIOBase):
 
     def __init__(self, target: TextIO, secrets: Iterable[str]) -> None:
         self.target = target
-        self.secrets = frozenset(secrets)
+        self.secrets = set(secrets)
         self._pending = ""
 
     def write(self, text: str) -> int:
@@ -127,6 +154,15 @@ def run_to_log(command: Sequence[str], log_file: Path) -> int:
             out.write(redact(raw.decode("utf-8", errors="replace"), secrets))
             out.flush()
         return process.wait()
+
+
+def _named_by(api_key_env: str, environ: Mapping[str, str]) -> set[str]:
+    """What an ``api_key_env`` setting makes secret: its variable's value, and itself when it
+    looks like a key rather than a name."""
+    found = {environ.get(api_key_env, "")}
+    if _looks_like_a_key(api_key_env, environ):
+        found.add(api_key_env)
+    return found
 
 
 def _looks_like_a_key(value: str, environ: Mapping[str, str]) -> bool:

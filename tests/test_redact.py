@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pathvlm_lightning.__main__ import run
+from pathvlm_lightning.cli import main
 from pathvlm_lightning.pipeline.runner import subprocess_launcher
 from pathvlm_lightning.redact import MASK, RedactingStream, redact, run_to_log, secrets_from
 
@@ -100,3 +101,21 @@ def test_a_key_written_in_pieces_is_masked_whole() -> None:
     assert target.getvalue() == f"key: {MASK} and {MASK}\n"  # the unfinished line waits for flush
     stream.flush()
     assert target.getvalue() == f"key: {MASK} and {MASK}\nnext line tail"
+
+
+def test_a_variable_named_in_a_yaml_is_masked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``api_key_env: JUDGE_VAR`` in a config file (no KEY in the name, nothing on the command line):
+    the CLI adds the variable's value once the config is parsed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JUDGE_VAR", IN_ENV)
+    overlay = tmp_path / "judge.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: pathvlm_lightning.callbacks.ProcessReward\n"
+        "      init_args:\n        judge:\n          api_key_env: JUDGE_VAR\n"
+    )
+    target = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", RedactingStream(target, secrets_from([])))
+    main(["--config", str(REPO / "configs/demo/grpo_process.yaml"), "--config", str(overlay), *JUDGE_ARGS[2:3]], run=False)
+    print(f"the judge key is {IN_ENV}", file=sys.stderr)
+    sys.stderr.flush()
+    assert target.getvalue().endswith(f"the judge key is {MASK}\n")
