@@ -36,7 +36,8 @@ def test_a_kill_during_a_save_leaves_a_loadable_last_ckpt_and_resume_continues(t
     if OTHER_FILESYSTEM:
         assert os.stat(OTHER_FILESYSTEM).st_dev != os.stat(tmp_path).st_dev
         env["TMPDIR"] = OTHER_FILESYSTEM
-    killed = subprocess.run([sys.executable, str(WORKER), str(tmp_path), moment], env=env, capture_output=True, text=True)
+    command = [sys.executable, str(WORKER), str(tmp_path), moment]
+    killed = subprocess.run(command, env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
     folder = tmp_path / "ckpt"

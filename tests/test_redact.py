@@ -115,7 +115,7 @@ def test_a_variable_named_in_a_yaml_is_masked_too(tmp_path: Path, monkeypatch: p
     )
     target = io.StringIO()
     monkeypatch.setattr(sys, "stderr", RedactingStream(target, secrets_from([])))
-    main(["--config", str(REPO / "configs/demo/grpo_process.yaml"), "--config", str(overlay), *JUDGE_ARGS[2:3]], run=False)
+    main(["--config", JUDGE_ARGS[1], "--config", str(overlay), JUDGE_ARGS[2]], run=False)
     print(f"the judge key is {IN_ENV}", file=sys.stderr)
     sys.stderr.flush()
     assert target.getvalue().endswith(f"the judge key is {MASK}\n")

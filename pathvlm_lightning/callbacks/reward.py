@@ -70,10 +70,13 @@ class RewardCallback(Callback):
         scores = self.score(rollout, pl_module)
         expected = [len(rollout.completion_texts)]
         if not isinstance(scores, torch.Tensor):
-            raise TypeError(f"{self._who()}: score returned {type(scores).__name__}, expected a tensor of shape {expected}")
+            raise TypeError(
+                f"{self._who()}: score returned {type(scores).__name__}, expected a tensor of shape {expected}"
+            )
         if list(scores.shape) != expected:
             raise ValueError(
-                f"{self._who()}: score returned shape {list(scores.shape)}, expected {expected} (one score per completion)"
+                f"{self._who()}: score returned shape {list(scores.shape)}, expected {expected} "
+                "(one score per completion)"
             )
         scores = scores.to(torch.float32)
         infinite = torch.isinf(scores).nonzero().flatten().tolist()
