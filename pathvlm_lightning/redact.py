@@ -148,12 +148,16 @@ def run_to_log(command: Sequence[str], log_file: Path) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     secrets = secrets_from(command)
     with open(log_file, "w", encoding="utf-8") as out:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert process.stdout is not None
-        for raw in process.stdout:
-            out.write(redact(raw.decode("utf-8", errors="replace"), secrets))
-            out.flush()
-        return process.wait()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+            assert process.stdout is not None
+            try:
+                for raw in process.stdout:
+                    out.write(redact(raw.decode("utf-8", errors="replace"), secrets))
+                    out.flush()
+            except BaseException:  # e.g. Ctrl-C in the parent: do not leave the child running
+                process.kill()
+                raise
+        return process.returncode
 
 
 def _named_by(api_key_env: str, environ: Mapping[str, str]) -> set[str]:
