@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 
 from pathvlm_lightning.commands import COMMANDS, dispatch
+from pathvlm_lightning.redact import redact_process_output
 
 
 def run(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the process's arguments."""
     given = sys.argv[1:] if argv is None else argv
+    redact_process_output(given)  # API keys never reach the terminal, whoever prints them
     code = dispatch(given)
     if code is not None:
         sys.exit(code)

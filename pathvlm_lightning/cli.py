@@ -10,6 +10,9 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from pathvlm_lightning.checkpoint_io import use_atomic_checkpoints
+from pathvlm_lightning.redact import add_secrets, secrets_in_config
+
 
 class PathVLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
@@ -19,6 +22,14 @@ class PathVLMCLI(LightningCLI):
         parser.link_arguments(
             "model", "data.init_args.batch_kind", compute_fn=lambda m: m.batch_kind, apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        # Keys named by api_key_env in a YAML (not only on the command line) are masked in the output.
+        add_secrets(secrets_in_config(self.config.as_dict()))
+
+    def instantiate_trainer(self, **kwargs):
+        # Checkpoint files written atomically unless the config chose its own checkpoint plugin.
+        return use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> PathVLMCLI:

@@ -255,7 +255,7 @@ def test_rubric_callback_scores_offline(tmp_path):
     callback = RubricProcessReward()
     rewards = callback.score(rollout, None)
     assert callback.name == "process"
-    assert rewards.tolist() == pytest.approx([1.0, 0.4])  # (1 + 1) / 2 and (0.2 + 0.6) / 2
-    assert callback.metrics() == pytest.approx({"integrity": 0.6, "knowledge": 0.8})
+    assert rewards.tolist() == pytest.approx([1.0, 0.3])  # (1 + 1) / 2 and (0 + 0.6) / 2 ("large" is an option)
+    assert callback.metrics() == pytest.approx({"integrity": 0.5, "knowledge": 0.8})
     expected = sum(rubric_scores(bad, rollout.records[0])) / 2
     assert callback.score_text(bad, rollout.records[0]) == pytest.approx(expected)

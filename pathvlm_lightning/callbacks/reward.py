@@ -9,6 +9,7 @@ its work before the reference forward and collect it in ``score``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ from pathvlm_lightning.grpo.rollout import Rollout
 class RewardCallback(Callback):
     """Scores completions. Subclasses implement ``score_text`` (pure, per completion) or override
     ``score`` (whole rollout). A NaN score means "abstain": the completion is ignored by this reward
-    when advantages are computed.
+    when advantages are computed. The module calls :meth:`checked_score`, so a score of another
+    shape, or an infinite one, stops the run with an error that names the reward.
 
     Args:
         weight: multiplies the score before rewards are summed.
@@ -51,14 +53,46 @@ class RewardCallback(Callback):
 
     def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
         """[B*G] float scores, unweighted."""
-        values = [
-            self.score_text(text, rollout.record_of(i))
-            for i, text in enumerate(rollout.completion_texts)
-        ]
+        values = []
+        for i, text in enumerate(rollout.completion_texts):
+            value = self.score_text(text, rollout.record_of(i))
+            if not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"{self._who()}: score_text returned {value!r} ({type(value).__name__}) for completion {i} "
+                    f"(record {rollout.record_of(i).id!r}); a score is a float (NaN to abstain)"
+                )
+            values.append(float(value))
         return torch.tensor(values, dtype=torch.float32)
+
+    def checked_score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
+        """:meth:`score`, checked: [B*G] float32 scores, each finite or NaN (abstain); anything else
+        (a non-tensor, another shape, +inf or -inf) raises an error naming this reward."""
+        scores = self.score(rollout, pl_module)
+        expected = [len(rollout.completion_texts)]
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(
+                f"{self._who()}: score returned {type(scores).__name__}, expected a tensor of shape {expected}"
+            )
+        if list(scores.shape) != expected:
+            raise ValueError(
+                f"{self._who()}: score returned shape {list(scores.shape)}, expected {expected} "
+                "(one score per completion)"
+            )
+        scores = scores.to(torch.float32)
+        infinite = torch.isinf(scores).nonzero().flatten().tolist()
+        if infinite:
+            i = infinite[0]
+            raise ValueError(
+                f"{self._who()}: score {scores[i].item()} for completion {i} (record {rollout.record_of(i).id!r}) "
+                f"is infinite ({len(infinite)} of {expected[0]} completions); a score must be finite, or NaN to abstain"
+            )
+        return scores
 
     def score_text(self, completion: str, record: VQARecord) -> float:
         raise NotImplementedError(f"{type(self).__name__} must implement score_text or score")
+
+    def _who(self) -> str:
+        return f"reward {self.name!r} ({type(self).__name__})"
 
     def metrics(self) -> dict[str, float]:
         """Extra scalars to log after ``score`` (e.g. judge counters), keyed without prefix."""

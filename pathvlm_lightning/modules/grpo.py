@@ -95,7 +95,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         if self.needs_reference:
             rollout.ref_logprobs = chain.reference.reference_logprobs(self, rollout)
         for reward in chain.rewards:
-            scores = reward.score(rollout, self).to(self.device, torch.float32)  # [B*G]
+            scores = reward.checked_score(rollout, self).to(self.device)  # [B*G]
             rollout.extras.setdefault("scores", {})[reward.name] = scores
             rollout.rewards[reward.name] = scores * reward.weight
         total = rollout.total_reward()  # [B*G]

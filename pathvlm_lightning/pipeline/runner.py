@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pathvlm_lightning.pipeline.plan import Plan, PlanError, Stage
+from pathvlm_lightning.redact import run_to_log
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,8 @@ class StageFailed(RuntimeError):
 
 
 def subprocess_launcher(args: list[str], log_file: Path) -> int:
-    """Run the CLI in a child interpreter, its output going to ``log_file``."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as out:
-        return subprocess.run(
-            [sys.executable, "-m", "pathvlm_lightning", *args], stdout=out, stderr=subprocess.STDOUT, check=False
-        ).returncode
+    """Run the CLI in a child interpreter, its output going to ``log_file`` with API keys redacted."""
+    return run_to_log([sys.executable, "-m", "pathvlm_lightning", *args], log_file)
 
 
 @dataclass

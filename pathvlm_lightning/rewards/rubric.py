@@ -85,13 +85,40 @@ def _option_mentions(sentence: str, options: dict[str, str]) -> list[tuple[str, 
         for match in re.finditer(pattern, sentence):
             if match.group(1).upper() in keys:
                 found.append((keys[match.group(1).upper()], match.start(), match.end()))
-    lowered = sentence.casefold()
-    for key, text in options.items():
-        needle = normalize_text(text)
-        if len(needle) >= 3:
-            for match in re.finditer(rf"(?<!\w){re.escape(needle)}(?!\w)", lowered):
-                found.append((key, match.start(), match.end()))
-    return found
+    return found + _option_text_spans(sentence, options)
+
+
+def _option_text_spans(text: str, options: dict[str, str]) -> list[tuple[str, int, int]]:
+    """(letter, start, end) of each place ``text`` quotes an option's text (3 characters or more).
+    A shorter option inside a longer one's quote ("large" in "very large") is not quoted there.
+
+    >>> _option_text_spans("Not large; very large.", {"C": "Large", "D": "Very large"})
+    [('C', 4, 9), ('D', 11, 21)]
+    """
+    spans = []
+    for key, option in options.items():
+        words = normalize_text(option).split()
+        if len(" ".join(words)) >= 3:
+            pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)"
+            spans += [(key, m.start(), m.end()) for m in re.finditer(pattern, text, re.IGNORECASE)]
+    return [
+        (key, start, end)
+        for key, start, end in spans
+        if not any(s <= start and end <= e and e - s > end - start for _, s, e in spans)
+    ]
+
+
+def _without_option_texts(text: str, options: dict[str, str]) -> str:
+    """``text`` with every quote of an option's text blanked: the words of the answers themselves
+    ("atypical", "large", "H&E") must not earn the rubric's elements, or a chain would score by its
+    choice.
+
+    >>> _without_option_texts("Not Atypical, so high-grade.", {"C": "atypical", "D": "High-grade"})
+    'Not  , so  .'
+    """
+    for _, start, end in sorted(_option_text_spans(text, options), key=lambda span: -span[1]):
+        text = text[:start] + " " + text[end:]
+    return text
 
 
 def negated_options(reasoning: str, options: dict[str, str]) -> set[str]:
@@ -140,7 +167,9 @@ def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
     """(integrity, knowledge) of the reasoning in ``completion`` (its ``<think>`` text, or all of it).
 
     Integrity loses 0.4 for each missing: two or more distinct image-feature words; at least two
-    options other than the chosen one ruled out; a pathology term. Knowledge loses 0.4 for each
+    options other than the chosen one ruled out; a pathology term. Words inside a quote of one of
+    the record's option texts count towards neither the features nor the terms, so the score does
+    not depend on which option the chain concludes or rules out. Knowledge loses 0.4 for each
     kind of error: a stain given a colour it does not give; a contradiction (the chosen option was
     ruled out, the reasoning concludes another letter, or the answer's letter and text name
     different options); a retired diagnostic term.
@@ -152,8 +181,8 @@ def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
     >>> rubric_scores(good, rec)
     (1.0, 1.0)
     >>> bad = "<think>The nuclei are not large. The answer is B.</think><answer>A) Large</answer>"
-    >>> rubric_scores(bad, rec)
-    (0.2, 0.6)
+    >>> rubric_scores(bad, rec)  # "large" is an option's text: "nuclei" is its only feature word
+    (0.0, 0.6)
     """
     reasoning = reasoning_of(completion)
     options = dict(record.options)
@@ -161,8 +190,9 @@ def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
     chosen = resolve_choice(parsed, options)
     negated = negated_options(reasoning, options)
 
-    features = {m.casefold() for m in _IMAGE_FEATURES.findall(reasoning)}
-    missing = (len(features) < 2) + (len(negated - {chosen}) < 2) + (_KNOWLEDGE.search(reasoning) is None)
+    described = _without_option_texts(reasoning, options)
+    features = {m.casefold() for m in _IMAGE_FEATURES.findall(described)}
+    missing = (len(features) < 2) + (len(negated - {chosen}) < 2) + (_KNOWLEDGE.search(described) is None)
 
     letter_text_clash = parsed.letter is not None and chosen is None and parsed.text is not None and any(
         normalize_text(parsed.text) == normalize_text(text) for key, text in options.items() if key != parsed.letter
