@@ -59,7 +59,7 @@ class Backbone(torch.nn.Module):
             ``backbone/shared_prompt.py``; where that cannot be done, as many copies as needed).
             Results equal G separate copies up to float rounding; ``False`` always runs G copies.
         logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``
-            holds at once (``backbone/logprobs.py``); 1,024 x 151,936 ids is 594 MiB of float32.
+            holds at once (``backbone/logprobs.py``); 512 x 151,936 ids is 297 MiB of float32.
     """
 
     def __init__(
