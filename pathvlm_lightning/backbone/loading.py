@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, BitsAndBytesConfig, ProcessorMixin, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    ProcessorMixin,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.image_utils import SizeDict
 
 from pathvlm_lightning.backbone.tiny import (
@@ -110,6 +116,8 @@ def load_model_and_processor(
             hf_model = Qwen2_5_VLForConditionalGeneration._from_config(
                 AutoConfig.from_pretrained(model), dtype=torch_dtype, attn_implementation=attn_implementation
             )
+        if (Path(model) / "generation_config.json").is_file():
+            hf_model.generation_config = GenerationConfig.from_pretrained(model)
     else:
         processor = load_processor(model)
         hf_model = _from_pretrained(model, torch_dtype, attn_implementation, quant)
