@@ -1,5 +1,6 @@
-"""The Qwen2.5-VL backbone: loading, the embedded tiny model, generation and token log-probs."""
+"""The Qwen-VL backbone (every family in ``families``): loading, the embedded tiny model, generation and token log-probs."""
 
+from pathvlm_lightning.backbone.loading import load_processor
 from pathvlm_lightning.backbone.lora import LoraOptions
 from pathvlm_lightning.backbone.sequences import completion_mask, pad_after_eos, selective_log_softmax
 from pathvlm_lightning.backbone.sharding import apply_fully_shard, gathered_for_generation
@@ -7,7 +8,6 @@ from pathvlm_lightning.backbone.tiny import (
     TinyQwenVLProcessor,
     build_tiny_model,
     build_tiny_processor,
-    load_processor,
 )
 from pathvlm_lightning.backbone.wrapper import Backbone
 
