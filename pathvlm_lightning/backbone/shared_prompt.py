@@ -33,22 +33,19 @@ from pathvlm_lightning.backbone.sequences import expanded_image_order, images_pe
 SharingMode = Literal["prompt", "images", "none"]
 
 
-def sharing_mode(
-    family: Family, model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], sharded: bool
-) -> SharingMode:
+def sharing_mode(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], sharded: bool) -> SharingMode:
     """How much of a prompt ``token_logprobs`` can compute once for its G completions.
 
     ``none`` for text-only prompts (their positions follow another rule; pathology prompts always
     carry an image), FSDP2-sharded models (the vision tower would run outside the sharded root's
     forward, and two root forwards per backward are untested there) and transformers without the
-    5.x arguments; ``images`` while activation checkpointing would drop the cache or where the
-    family's cache cannot be repeated (``Family.prompt_cache_note``); else ``prompt``.
+    5.x arguments; ``images`` while activation checkpointing would drop the cache; else ``prompt``.
     """
     accepted = inspect.signature(model.forward).parameters
     if inputs.get("pixel_values") is None or sharded or not {"cache", "mm_encoder_outputs"} <= set(accepted):
         return "none"
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    if (checkpointing and model.training and torch.is_grad_enabled()) or family.prompt_cache_note is not None:
+    if checkpointing and model.training and torch.is_grad_enabled():
         return "images"
     return "prompt"
 
@@ -75,7 +72,7 @@ def shared_prompt_logits(
     if length == 1:
         return first
     cache = prompt.cache
-    family.repeat_cache(cache, g)  # every layer's keys/values [B, heads, P, d] -> [B*G, heads, P, d]
+    family.repeat_cache(cache, g)  # every layer's state [B, ...] -> [B*G, ...] (keys/values [B*G, heads, P, d])
     prompt_mask = inputs["attention_mask"].repeat_interleave(g, dim=0)  # [B*G, P]
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)[:, :-1]  # [B*G, P+L-1]
     positions = (mask.cumsum(dim=1) - 1)[:, prompt_mask.shape[1] :]  # [B*G, L-1]: attended tokens so far - 1

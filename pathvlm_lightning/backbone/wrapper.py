@@ -7,7 +7,6 @@ means later speedups (one vision pass and one prefill per group of G) land in on
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -32,8 +31,6 @@ from pathvlm_lightning.backbone.sequences import (
     replace_tokens,
     selective_log_softmax,
 )
-
-log = logging.getLogger(__name__)
 
 
 class Backbone(torch.nn.Module):
@@ -86,9 +83,6 @@ class Backbone(torch.nn.Module):
             max_pixels=max_pixels,
         )
         self.family = family_of(hf_model)
-        if share_prompts and self.family.prompt_cache_note is not None:
-            note = self.family.prompt_cache_note
-            log.info("share_prompts on %s: images encoded once, prompt run per copy (%s)", self.family.model_type, note)
         if freeze_vision:
             self.family.vision_tower(hf_model).requires_grad_(False)
         if gradient_checkpointing and not (quantization and lora):  # else peft's k-bit preparation does it
@@ -222,7 +216,7 @@ class Backbone(torch.nn.Module):
         completion_ids = completion_ids.to(inputs["input_ids"].device)
         fed = replace_tokens(completion_ids, self.vision_token_ids, self.pad_token_id)  # [B*G, L]
         mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
-        mode = sharing_mode(self.family, self.hf_model, inputs, sharded=bool(sharding.fsdp_units(self.model)))
+        mode = sharing_mode(self.hf_model, inputs, sharded=bool(sharding.fsdp_units(self.model)))
         if self.share_prompts and mode == "prompt":
             logits = shared_prompt_logits(self.family, self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, V]
         else:

@@ -47,8 +47,6 @@ class Family(ABC):
     """Vision patch side in pixels; one token per ``(2 * patch_size)**2`` pixels after the 2x2 merge."""
     image_mean: ClassVar[tuple[float, float, float]] = (0.48145466, 0.4578275, 0.40821073)
     image_std: ClassVar[tuple[float, float, float]] = (0.26862954, 0.26130258, 0.27577711)
-    prompt_cache_note: ClassVar[str | None] = None
-    """Why a prompt's cache cannot be repeated for G completions (``None``: it can)."""
 
     # ------------------------------------------------------------------ where things live
     def vision_tower(self, model: PreTrainedModel) -> torch.nn.Module:

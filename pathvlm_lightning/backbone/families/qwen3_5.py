@@ -2,14 +2,18 @@
 
 The vision side is Qwen3-VL's without DeepStack. The decoder's ``layer_types`` interleave
 ``linear_attention`` layers, whose cache is a causal-convolution window and a recurrent state per
-row, with ``full_attention`` layers holding keys/values.
+row, with ``full_attention`` layers holding keys/values. Both kinds can be repeated for G
+completions: after the prompt, a row's whole past is its state, so G copies of it continue exactly
+as G separate prompts would (checked against G copies by ``tests/test_families.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 from pathvlm_lightning.backbone.families.base import Family, TwinSize, special_ids, vision_ids
 from pathvlm_lightning.backbone.families.qwen3_vl import TinyQwen3VLProcessor
@@ -22,6 +26,23 @@ class Qwen3_5(Family):
     patch_size = 16
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
+
+    def repeat_cache(self, cache: Cache, num_generations: int) -> None:
+        """Repeat keys/values, convolution windows and recurrent states G times, read-only from here on.
+
+        ``batch_repeat_interleave`` skips linear-attention layers, so rows are selected with
+        ``reorder_cache`` (every layer kind implements it). The completions' pass would then write
+        its new states in place into the tensors it has just read, which the prompt's graph still
+        needs for backward; the repeated cache serves that one pass only, so the linear layers keep
+        each new convolution window by assignment (``record_past``) and do not store the final
+        recurrent state.
+        """
+        rows = next(layer.keys.shape[0] for layer in cache.layers if getattr(layer, "keys", None) is not None)
+        cache.reorder_cache(torch.arange(rows).repeat_interleave(num_generations))  # [B] -> [B*G] rows
+        for layer in cache.layers:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                layer.record_past = True
+                layer.update_recurrent_state = _returned_not_stored
 
     def twin_config(self, tokenizer: Any, size: TwinSize) -> PretrainedConfig:
         ids = special_ids(tokenizer)
@@ -66,3 +87,8 @@ class Qwen3_5(Family):
         return Qwen3_5Config(
             text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **vision_ids(ids)
         )
+
+
+def _returned_not_stored(recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+    """A linear-attention layer's ``update_recurrent_state`` that hands the new state back unstored."""
+    return recurrent_states
