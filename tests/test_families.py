@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, LlamaConfig
 
-from pathvlm_lightning.backbone import Backbone, completion_mask, load_processor
+from pathvlm_lightning.backbone import Backbone, LoraOptions, completion_mask, load_processor
 from pathvlm_lightning.backbone.families import FAMILIES, family_for_config
+from pathvlm_lightning.commands import infer
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.dist_worker import FAMILY_SCENARIOS, SCENARIOS, run_scenario
 from tests.fit_support import make_datamodule, parameters, trainer_kwargs
@@ -75,6 +77,25 @@ def test_family_is_detected_from_the_config(model):
 def test_unknown_family_is_a_clear_error():
     with pytest.raises(ValueError, match=r"model_type 'llama'.*supported families are \['qwen2_5_vl', 'qwen2_vl'"):
         family_for_config(LlamaConfig(), "some/folder")
+
+
+# ---------------------------------------------------------------- LoRA and QLoRA
+@twins
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+def test_lora_adapts_the_language_model_only(model, quantization):
+    backbone = Backbone(model=model, lora=LoraOptions(r=2), quantization=quantization)
+    trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
+    layers = backbone.family.decoder_layers(backbone.hf_model)
+    assert all(any("lora_" in n for n, _ in layer.named_parameters()) for layer in layers)  # MLPs in every layer
+    if quantization:
+        assert type(layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    prompts = _prompts(backbone.processor)
+    eos = backbone.processor.tokenizer.eos_token_id
+    logp = backbone.token_logprobs(prompts, torch.tensor([[11, 12, eos]] * 4), num_generations=2)
+    logp.sum().backward()
+    grads = [p.grad for n, p in backbone.named_parameters() if "lora_B" in n]  # B starts at 0: A gets none yet
+    assert torch.isfinite(logp).all() and all(g is not None and g.abs().max() > 0 for g in grads)
 
 
 # ---------------------------------------------------------------- short fits
@@ -190,8 +211,21 @@ def test_export_reloads_with_auto_model_and_same_greedy_completion(model, tmp_pa
     with torch.no_grad():
         out = reloaded.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert torch.equal(out[:, inputs["input_ids"].shape[1] :], expected)
-    again = Backbone(model=str(tmp_path))  # what the next stage and `infer` do with the folder
+    again = Backbone(model=str(tmp_path))  # what the next stage does with the folder
     assert again.family is backbone.family
+
+
+@twins
+def test_infer_answers_from_the_twin_and_from_its_export(model, tmp_path, capsys):
+    image = tmp_path / "tile.png"
+    Image.new("RGB", (64, 64), (200, 120, 160)).save(image)
+    Backbone(model=model).export(tmp_path / "export")
+    question = ["--image", str(image), "--question", "Which stain?", "--options", "A) H&E", "B) IHC"]
+    completions = []
+    for source in (model, str(tmp_path / "export")):  # same seed, so the same weights and greedy answer
+        assert infer.main(["--model", source, "--json", "--max-new-tokens", "8", *question]) == 0
+        completions.append(json.loads(capsys.readouterr().out)["completion"])
+    assert completions[0] == completions[1] and completions[0]
 
 
 # ---------------------------------------------------------------- FSDP2, 2 processes
