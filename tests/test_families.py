@@ -131,7 +131,7 @@ def test_grpo_fit_trains_the_language_model_and_keeps_the_vision_tower(model, tm
     changed = {n for n in after if not torch.equal(after[n], before[n])}
     language, vision = _language_and_vision(module.backbone)
     assert trainer.global_step == 2
-    assert language & changed and {n for n in language if "mlp" in n} <= changed  # the policy moved
+    assert language <= changed  # every decoder weight moved
     assert not vision & changed
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
 
