@@ -19,12 +19,15 @@ from transformers import (
 from transformers.image_utils import SizeDict
 
 from pathvlm_lightning.backbone.families import FAMILIES, Family, family_for_config
-from pathvlm_lightning.backbone.tiny import build_tiny_model, build_tiny_processor
+from pathvlm_lightning.backbone.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_model, build_tiny_processor
 from pathvlm_lightning.backbone.twins import TWINS, build_twin_model, build_twin_processor
+from pathvlm_lightning.backbone.vocab import build_processor, qwen2_5_vl_spec
 
 EMBEDDED_MODELS: dict[str, Literal["tiny", "small"]] = {"embedded-tiny": "tiny", "embedded-small": "small"}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Quantization = Literal["4bit", "8bit"]
+Vocab = Literal["small", "qwen"]
+VOCABS = ("small", "qwen")
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -95,6 +98,7 @@ def _videoless_class(path: str | Path, saved_class: str | None) -> type[Processo
 def load_model_and_processor(
     model: str,
     *,
+    vocab: Vocab = "small",
     seed: int,
     dtype: str,
     attn_implementation: str,
@@ -106,16 +110,30 @@ def load_model_and_processor(
 
     Embedded: ``embedded-tiny``/``embedded-small`` (Qwen2.5-VL) or a twin of another family
     (``twins.TWINS``). Otherwise the family comes from the checkpoint's ``config.model_type``.
+    ``vocab`` picks the embedded models' tokenizer: ``small`` (1,024 ids, trained here) or ``qwen``
+    (the family's real tokenizer and vocabulary, see ``backbone/vocab.py``); a checkpoint brings its own.
     """
+    embedded = {**EMBEDDED_MODELS, **TWINS}
+    if vocab not in VOCABS:
+        raise ValueError(f"vocab {vocab!r} is not one of {list(VOCABS)}")
+    if vocab != "small" and model not in embedded:
+        raise ValueError(
+            f"vocab={vocab!r} applies to the embedded models {sorted(embedded)} only; "
+            f"{model!r} brings its own tokenizer (leave vocab at 'small')"
+        )
     torch_dtype = resolve_dtype(dtype)
     quant = quantization_config(quantization, torch_dtype) if quantization is not None else None
-    if model in EMBEDDED_MODELS or model in TWINS:
-        if model in EMBEDDED_MODELS:
+    if model in embedded:
+        if model in TWINS:
+            processor = build_twin_processor(model, vocab)
+            hf_model = build_twin_model(model, processor, seed=seed, vocab=vocab)
+        elif vocab == "qwen":
+            spec = qwen2_5_vl_spec()
+            processor = build_processor(spec, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+            hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed, vocab_size=spec.vocab_size)
+        else:
             processor = build_tiny_processor()
             hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed)
-        else:
-            processor = build_twin_processor(model)
-            hf_model = build_twin_model(model, processor, seed=seed)
         family = family_for_config(hf_model.config, model)
         if quant is not None:
             # bitsandbytes quantises while loading weights, so the random model goes through a folder.

@@ -5,7 +5,7 @@ them as G separate sequences runs the vision tower and every decoder layer over 
 and the prompt is most of each sequence (an image alone is 256 tokens at 448x448). Two ways to pay
 once, both giving what the G copies give up to float rounding:
 
-- ``shared_prompt_logits``: the prompt goes through the model once (its images encoded once), its
+- ``shared_prompt_hidden``: the prompt goes through the model once (its images encoded once), its
   key/value cache is repeated G times, and the completions run against it. In backward, gradients
   reach the prompt's computation once, summed over its G completions, which is the sum the G copies
   would have produced.
@@ -28,6 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pathvlm_lightning.backbone.families import Family
+from pathvlm_lightning.backbone.logprobs import final_hidden_states
 from pathvlm_lightning.backbone.sequences import expanded_image_order, images_per_row
 
 SharingMode = Literal["prompt", "images", "none"]
@@ -50,7 +51,7 @@ def sharing_mode(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], sha
     return "prompt"
 
 
-def shared_prompt_logits(
+def shared_prompt_hidden(
     family: Family,
     model: PreTrainedModel,
     inputs: Mapping[str, torch.Tensor],
@@ -58,16 +59,17 @@ def shared_prompt_logits(
     completion_mask: torch.Tensor,
     num_generations: int,
 ) -> torch.Tensor:
-    """Logits [B*G, L, V] whose row ``r``, position ``j`` predicts completion token ``j`` of row ``r``.
+    """Final hidden states [B*G, L, H] whose row ``r``, position ``j`` predicts completion token ``j`` of row ``r``.
 
     ``inputs`` are the B prompts (``input_ids``/``attention_mask``/``mm_token_type_ids`` [B, P], pixels,
     grids); ``fed_completions`` [B*G, L] the ids to feed (vision ids already replaced) and
     ``completion_mask`` [B*G, L] which of them are attended to. The last completion token is never
-    fed: nothing is predicted from it.
+    fed: nothing is predicted from it. The vocabulary projection is left to the caller
+    (``backbone/logprobs.py``); each forward projects one position only (``logits_to_keep=1``).
     """
     g = num_generations
-    prompt = model(**inputs, use_cache=True, logits_to_keep=1)
-    first = prompt.logits.repeat_interleave(g, dim=0)  # [B*G, 1, V]: the last prompt position predicts token 0
+    prompt = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+    first = final_hidden_states(prompt)[:, -1:].repeat_interleave(g, dim=0)  # [B*G, 1, H]: predicts token 0
     length = fed_completions.shape[1]
     if length == 1:
         return first
@@ -82,8 +84,10 @@ def shared_prompt_logits(
         position_ids=family.continuation_positions(model, positions, g),  # [3, B*G, L-1]
         cache=cache,
         use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=True,
     )
-    return torch.cat([first, rest.logits], dim=1)  # [B*G, L, V]
+    return torch.cat([first, final_hidden_states(rest)], dim=1)  # [B*G, L, H]
 
 
 def expanded_image_features(

@@ -1,8 +1,9 @@
 """Embedded twins of every family: random weights from a config, the project's tokenizers, no download.
 
 ``embedded-tiny`` (Qwen2.5-VL, ``backbone/tiny.py``) is the original; each other family gets a
-twin of the same size (text 128 x 2 layers, vision 64 x 2 blocks) and the same 1,024-id
-tokenizer, so the demo configs run on any of them by changing the model line.
+twin of the same size (text 128 x 2 layers, vision 64 x 2 blocks) and, with ``vocab="small"``, the
+same 1,024-id tokenizer, so the demo configs run on any of them by changing the model line. With
+``vocab="qwen"`` a twin gets its family's real tokenizer (``Family.vocab_spec``) and embedding rows.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin, Qwen
 
 from pathvlm_lightning.backbone.families import FAMILIES, Family, TwinSize
 from pathvlm_lightning.backbone.tiny import TINY_CHAT_TEMPLATE, TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_tokenizer
+from pathvlm_lightning.backbone.vocab import build_tokenizer
 
 #: twin name -> ``model_type`` of its family.
 TWINS: dict[str, str] = {
@@ -25,8 +27,8 @@ def twin_family(name: str) -> Family:
     return FAMILIES[TWINS[name]]
 
 
-def build_twin_processor(name: str) -> ProcessorMixin:
-    """The twin's processor: the tiny tokenizer and a PIL image processor with the family's patch size."""
+def build_twin_processor(name: str, vocab: str = "small") -> ProcessorMixin:
+    """The twin's processor: the ``small`` or ``qwen`` tokenizer and a PIL image processor with the family's patch."""
     family = twin_family(name)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=TINY_MIN_PIXELS,
@@ -37,15 +39,24 @@ def build_twin_processor(name: str) -> ProcessorMixin:
         image_mean=list(family.image_mean),
         image_std=list(family.image_std),
     )
-    tokenizer = build_tiny_tokenizer()
-    return family.processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE)
+    if vocab == "qwen":
+        spec = family.vocab_spec()
+        tokenizer, template = build_tokenizer(spec), spec.chat_template
+    else:
+        tokenizer, template = build_tiny_tokenizer(), TINY_CHAT_TEMPLATE
+    return family.processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
-def build_twin_model(name: str, processor: ProcessorMixin, seed: int = 0) -> PreTrainedModel:
-    """The twin's randomly initialised model (float32, train mode); the same ``seed`` gives the same weights."""
+def build_twin_model(name: str, processor: ProcessorMixin, seed: int = 0, vocab: str = "small") -> PreTrainedModel:
+    """The twin's randomly initialised model (float32, train mode); the same ``seed`` gives the same weights.
+
+    Embedding rows: with ``vocab="qwen"`` the real vocabulary's (e.g. 151,936 for Qwen3-VL's 151,669
+    ids), else one per id of the processor's tokenizer.
+    """
     family = twin_family(name)
     tokenizer = processor.tokenizer
-    config = family.twin_config(tokenizer, TwinSize())
+    rows = family.vocab_spec().vocab_size if vocab == "qwen" else len(tokenizer)
+    config = family.twin_config(tokenizer, TwinSize(), rows)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

@@ -20,16 +20,21 @@ from transformers.modeling_outputs import ModelOutput
 from pathvlm_lightning.backbone import sharding
 from pathvlm_lightning.backbone.export import export_pretrained
 from pathvlm_lightning.backbone.families import family_of
-from pathvlm_lightning.backbone.loading import Quantization, load_model_and_processor
+from pathvlm_lightning.backbone.loading import Quantization, Vocab, load_model_and_processor
+from pathvlm_lightning.backbone.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_target_logprobs,
+    final_hidden_states,
+    output_layer,
+)
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
-from pathvlm_lightning.backbone.shared_prompt import expanded_image_features, shared_prompt_logits, sharing_mode
+from pathvlm_lightning.backbone.shared_prompt import expanded_image_features, shared_prompt_hidden, sharing_mode
 from pathvlm_lightning.backbone.sequences import (
     completion_mask,
     expand_prompt_inputs,
     mm_token_types,
     pad_after_eos,
     replace_tokens,
-    selective_log_softmax,
 )
 
 
@@ -41,6 +46,8 @@ class Backbone(torch.nn.Module):
         model: ``embedded-tiny`` / ``embedded-small`` (offline random Qwen2.5-VL), an embedded twin of
             another family (``embedded-tiny-qwen2-vl``, ``embedded-tiny-qwen3-vl``,
             ``embedded-tiny-qwen3.5``), a folder or a hub id (family from its ``config.model_type``).
+        vocab: the embedded models' tokenizer: ``small`` (1,024 ids, fast on CPU) or ``qwen``
+            (the family's real tokenizer and vocabulary, built offline).
         seed: initialisation seed of the embedded models.
         dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
@@ -55,11 +62,14 @@ class Backbone(torch.nn.Module):
             and its G completions against the prompt's repeated key/value cache (see
             ``backbone/shared_prompt.py``; where that cannot be done, as many copies as needed).
             Results equal G separate copies up to float rounding; ``False`` always runs G copies.
+        logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``
+            holds at once (``backbone/logprobs.py``); 1,024 x 151,936 ids is 594 MiB of float32.
     """
 
     def __init__(
         self,
         model: str = "embedded-tiny",
+        vocab: Vocab = "small",
         seed: int = 0,
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
@@ -70,11 +80,16 @@ class Backbone(torch.nn.Module):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         share_prompts: bool = True,
+        logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
+        if logprob_chunk_size < 1:
+            raise ValueError(f"logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
         self.share_prompts = share_prompts
+        self.logprob_chunk_size = logprob_chunk_size
         hf_model, self.processor = load_model_and_processor(
             model,
+            vocab=vocab,
             seed=seed,
             dtype=dtype,
             attn_implementation=attn_implementation,
@@ -199,9 +214,11 @@ class Backbone(torch.nn.Module):
         """float32 log p(completion token | prompt, earlier tokens) -> [B*G, L]; differentiable.
 
         Logits are divided by ``temperature`` (match the sampling temperature). Vocabulary logits
-        are computed only where a completion token is predicted (L positions; L+1 when the prompt
-        is copied, ``logits_to_keep``), never over the prompt. Vision ids in the completion are fed
-        as pad so they are not read as image slots; their log-probs are still those of the given ids.
+        are computed only where a completion token is predicted, never over the prompt, and only
+        ``logprob_chunk_size`` positions at a time (``backbone/logprobs.py``): the model returns final
+        hidden states and the output layer runs chunk by chunk, recomputed in backward. Vision ids in
+        the completion are fed as pad so they are not read as image slots; their log-probs are still
+        those of the given ids.
         Positions after the first EOS are masked from attention and their values are meaningless.
         Runs in whatever mode the module is in (dropout included). With ``share_prompts`` each
         prompt runs once for its G completions (gradients reaching it add up over them).
@@ -218,11 +235,22 @@ class Backbone(torch.nn.Module):
         mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
         mode = sharing_mode(self.hf_model, inputs, sharded=bool(sharding.fsdp_units(self.model)))
         if self.share_prompts and mode == "prompt":
-            logits = shared_prompt_logits(self.family, self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, V]
+            hidden = shared_prompt_hidden(self.family, self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, H]
         else:
             share_images = self.share_prompts and mode == "images"
-            logits = self._copies_logits(inputs, fed, mask, num_generations, share_images)  # [B*G, L, V]
-        return selective_log_softmax(logits, completion_ids, temperature)
+            hidden = self._copies_hidden(inputs, fed, mask, num_generations, share_images)  # [B*G, L, H]
+        return self.logprobs_from_hidden(hidden, completion_ids, temperature)
+
+    def logprobs_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """float32 log p(targets) [N, L] from final-normed hidden states [N, L, H] through the output layer.
+
+        ``logprob_chunk_size`` positions at a time, recomputed in backward; see
+        :func:`~pathvlm_lightning.backbone.logprobs.chunked_target_logprobs` for the contract.
+        """
+        head = output_layer(self.hf_model)
+        return chunked_target_logprobs(
+            hidden, head.weight, head.bias, targets, temperature=temperature, chunk_size=self.logprob_chunk_size
+        )
 
     # ------------------------------------------------------------------ reference model
     @contextmanager
@@ -265,7 +293,7 @@ class Backbone(torch.nn.Module):
         config = self.hf_model.config
         return mm_token_types(input_ids, config.image_token_id, config.video_token_id)
 
-    def _copies_logits(
+    def _copies_hidden(
         self,
         inputs: dict[str, torch.Tensor],
         fed: torch.Tensor,
@@ -273,7 +301,7 @@ class Backbone(torch.nn.Module):
         num_generations: int,
         share_images: bool,
     ) -> torch.Tensor:
-        """Logits [B*G, L, V] from G full copies of each prompt followed by its completions
+        """Final hidden states [B*G, L, H] from G full copies of each prompt followed by its completions
         (``share_images``: the copies get image features encoded once instead of pixels)."""
         features = None
         if share_images:
@@ -289,10 +317,12 @@ class Backbone(torch.nn.Module):
             pixel_values=expanded.get("pixel_values"),
             image_grid_thw=expanded.get("image_grid_thw"),
             **({"mm_encoder_outputs": features} if features is not None else {}),
-            logits_to_keep=fed.shape[1] + 1,
+            logits_to_keep=1,
+            output_hidden_states=True,
             use_cache=False,
         )
-        return outputs.logits[:, :-1]  # [B*G, L, V]: position P-1+j predicts completion token j
+        length = fed.shape[1]
+        return final_hidden_states(outputs)[:, -length - 1 : -1]  # [B*G, L, H]: position P-1+j predicts token j
 
     def _on_device(self, prompt_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prompt tensors on the model's device, with token types."""

@@ -20,6 +20,8 @@ from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from pathvlm_lightning.backbone.vocab import VocabSpec
+
 
 @dataclass(frozen=True)
 class TwinSize:
@@ -100,8 +102,12 @@ class Family(ABC):
 
     # ------------------------------------------------------------------ embedded twin
     @abstractmethod
-    def twin_config(self, tokenizer: Any, size: TwinSize) -> PretrainedConfig:
-        """A config for random weights of ``size`` whose vocabulary and special ids are ``tokenizer``'s."""
+    def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
+        """A config for random weights of ``size`` with ``vocab_size`` embedding rows and ``tokenizer``'s special ids."""
+
+    @abstractmethod
+    def vocab_spec(self) -> VocabSpec:
+        """The family's real tokenizer (ranks, special tokens at their published ids, embedding rows)."""
 
 
 def special_ids(tokenizer: Any) -> dict[str, int]:

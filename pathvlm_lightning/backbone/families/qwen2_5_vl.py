@@ -8,6 +8,7 @@ from transformers import PretrainedConfig, Qwen2_5_VLForConditionalGeneration
 
 from pathvlm_lightning.backbone.families.base import Family, TwinSize
 from pathvlm_lightning.backbone.tiny import TinyQwenVLProcessor, build_tiny_config
+from pathvlm_lightning.backbone.vocab import VocabSpec, qwen2_5_vl_spec
 
 
 class Qwen2_5_VL(Family):
@@ -15,8 +16,11 @@ class Qwen2_5_VL(Family):
     model_class = Qwen2_5_VLForConditionalGeneration
     processor_class = TinyQwenVLProcessor
 
-    def twin_config(self, tokenizer: Any, size: TwinSize) -> PretrainedConfig:
+    def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         """``embedded-tiny``'s config (``tiny.build_tiny_config``); only the tiny size exists there."""
         if size != TwinSize():
             raise ValueError(f"the Qwen2.5-VL twin comes in the embedded-tiny size only, not {size}")
-        return build_tiny_config(tokenizer, "tiny")
+        return build_tiny_config(tokenizer, "tiny", vocab_size)
+
+    def vocab_spec(self) -> VocabSpec:
+        return qwen2_5_vl_spec()

