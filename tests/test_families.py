@@ -185,7 +185,7 @@ def test_generate_never_samples_vision_tokens(model):
     vision = list(backbone.vision_token_ids)
     bias = torch.zeros(backbone.hf_model.config.text_config.vocab_size)
     bias[vision] = 30.0  # without suppression nearly all mass would go to vision ids
-    backbone.hf_model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
+    backbone.hf_model.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)  # tied weight: bias it
     assert len(vision) == 5  # image, video, vision start/end, vision pad
     prompts = _prompts(backbone.processor)
     probe = torch.tensor([[backbone.hf_model.config.image_token_id]] * 2)
@@ -246,3 +246,40 @@ def test_fsdp2_grpo_two_processes_match_one(name, family_runs):
     assert dataclasses.replace(FAMILY_SCENARIOS[name], model="embedded-tiny") == SCENARIOS["grpo_fsdp2"]
     two, singles = family_runs
     _compare(name, two, singles)
+
+
+# ---------------------------------------------------------------- real vocabularies
+# Published ids: "Hello world" and the special tokens, per family (Qwen2/2.5/3 share their ranks).
+QWEN2_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+             "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656}  # fmt: skip
+QWEN3_5_IDS = {"<|endoftext|>": 248044, "<|im_start|>": 248045, "<|im_end|>": 248046, "<|vision_start|>": 248053,
+               "<|vision_end|>": 248054, "<|vision_pad|>": 248055, "<|image_pad|>": 248056, "<|video_pad|>": 248057,
+               "<think>": 248068, "</think>": 248069}  # fmt: skip
+REAL_VOCAB = {  # model: (ids of "Hello world", special ids, embedding rows)
+    "embedded-tiny": ([9707, 1879], QWEN2_IDS, 151936),
+    "embedded-tiny-qwen2-vl": ([9707, 1879], QWEN2_IDS, 151936),
+    "embedded-tiny-qwen3-vl": ([9707, 1879], {**QWEN2_IDS, "<think>": 151667, "</think>": 151668}, 151936),
+    "embedded-tiny-qwen3.5": ([9419, 1814], QWEN3_5_IDS, 248320),
+}
+
+
+@twins
+def test_real_vocabulary_twin_has_the_published_ids(model):
+    backbone = Backbone(model=model, vocab="qwen")
+    hello, specials, rows = REAL_VOCAB[model]
+    tokenizer, config = backbone.processor.tokenizer, backbone.hf_model.config
+    assert tokenizer("Hello world")["input_ids"] == hello
+    assert {token: tokenizer.convert_tokens_to_ids(token) for token in specials} == specials
+    assert config.text_config.vocab_size == rows and backbone.eos_token_ids == (specials["<|im_end|>"],)
+    # The family's own default config (transformers' copy of the published one) names the same vision ids.
+    published = type(config)()
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert getattr(config, key) == getattr(published, key), key
+    if "<think>" in specials:  # a plain-text token in Qwen3/3.5: kept when decoding
+        assert tokenizer.decode([specials["<think>"]], skip_special_tokens=True) == "<think>"
+    prompts = _prompts(backbone.processor)
+    assert int((prompts["input_ids"] == specials["<|image_pad|>"]).sum()) == sum(
+        int(g.prod()) // 4 for g in prompts["image_grid_thw"]
+    )
+    out = backbone.generate(prompts, num_generations=2, max_new_tokens=4, min_new_tokens=4, temperature=5.0)
+    assert out.shape == (4, 4) and not torch.isin(out, torch.tensor(backbone.vision_token_ids)).any()
