@@ -250,11 +250,15 @@ def test_fsdp2_grpo_two_processes_match_one(name, family_runs):
 
 # ---------------------------------------------------------------- real vocabularies
 # Published ids: "Hello world" and the special tokens, per family (Qwen2/2.5/3 share their ranks).
-QWEN2_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
-             "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656}  # fmt: skip
-QWEN3_5_IDS = {"<|endoftext|>": 248044, "<|im_start|>": 248045, "<|im_end|>": 248046, "<|vision_start|>": 248053,
-               "<|vision_end|>": 248054, "<|vision_pad|>": 248055, "<|image_pad|>": 248056, "<|video_pad|>": 248057,
-               "<think>": 248068, "</think>": 248069}  # fmt: skip
+QWEN2_IDS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+}  # fmt: skip
+QWEN3_5_IDS = {
+    "<|endoftext|>": 248044, "<|im_start|>": 248045, "<|im_end|>": 248046, "<|vision_start|>": 248053,
+    "<|vision_end|>": 248054, "<|vision_pad|>": 248055, "<|image_pad|>": 248056, "<|video_pad|>": 248057,
+    "<think>": 248068, "</think>": 248069,
+}  # fmt: skip
 REAL_VOCAB = {  # model: (ids of "Hello world", special ids, embedding rows)
     "embedded-tiny": ([9707, 1879], QWEN2_IDS, 151936),
     "embedded-tiny-qwen2-vl": ([9707, 1879], QWEN2_IDS, 151936),

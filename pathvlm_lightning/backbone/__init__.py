@@ -1,4 +1,4 @@
-"""The Qwen-VL backbone (every family in ``families``): loading, the embedded tiny model, generation and token log-probs."""
+"""The vision-language backbone (every family in ``families``): loading, embedded models, generation, log-probs."""
 
 from pathvlm_lightning.backbone.loading import load_processor
 from pathvlm_lightning.backbone.lora import LoraOptions

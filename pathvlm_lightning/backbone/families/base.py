@@ -103,7 +103,7 @@ class Family(ABC):
     # ------------------------------------------------------------------ embedded twin
     @abstractmethod
     def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
-        """A config for random weights of ``size`` with ``vocab_size`` embedding rows and ``tokenizer``'s special ids."""
+        """A config for random weights: ``size``, ``vocab_size`` embedding rows, ``tokenizer``'s special ids."""
 
     @abstractmethod
     def vocab_spec(self) -> VocabSpec:

@@ -37,7 +37,11 @@ class Qwen2_VL(Family):
             "num_attention_heads": size.heads,
             "num_key_value_heads": size.kv_heads,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(head_dim)},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": mrope_section(head_dim),
+            },
             "bos_token_id": ids["pad"],
             "eos_token_id": ids["eos"],
             "pad_token_id": ids["pad"],
