@@ -112,6 +112,8 @@ def load_model_and_processor(
     (``twins.TWINS``). Otherwise the family comes from the checkpoint's ``config.model_type``.
     ``vocab`` picks the embedded models' tokenizer: ``small`` (1,024 ids, trained here) or ``qwen``
     (the family's real tokenizer and vocabulary, see ``backbone/vocab.py``); a checkpoint brings its own.
+    A folder holding a ``config.json`` and a processor but no weights is an architecture only: random
+    weights from ``seed`` at its shape (a 7B-shaped model with no download, for benchmarks).
     """
     embedded = {**EMBEDDED_MODELS, **TWINS}
     if vocab not in VOCABS:
@@ -143,6 +145,17 @@ def load_model_and_processor(
         else:
             hf_model = hf_model.to(torch_dtype)
             hf_model.set_attn_implementation(attn_implementation)
+    elif _architecture_only(model):
+        if quant is not None:
+            raise ValueError(f"{model!r} holds a config but no weights: random weights cannot be quantised")
+        processor = load_processor(model)
+        config = AutoConfig.from_pretrained(model)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            hf_model = family_for_config(config, model).model_class._from_config(
+                config, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
     else:
         family = family_for_config(AutoConfig.from_pretrained(model), model)
         processor = load_processor(model)
@@ -150,6 +163,15 @@ def load_model_and_processor(
     if min_pixels is not None or max_pixels is not None:
         set_pixel_bounds(processor, min_pixels, max_pixels)
     return hf_model, processor
+
+
+def _architecture_only(model: str) -> bool:
+    """A local folder with ``config.json`` and no weight files (safetensors, bin, adapter)."""
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        return False
+    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), folder / "adapter_config.json"]
+    return not any(path.exists() for path in weights)
 
 
 def _from_pretrained(
