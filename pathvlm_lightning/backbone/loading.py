@@ -23,7 +23,8 @@ from pathvlm_lightning.backbone.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, bu
 from pathvlm_lightning.backbone.twins import TWINS, build_twin_model, build_twin_processor
 from pathvlm_lightning.backbone.vocab import build_processor, qwen2_5_vl_spec
 
-EMBEDDED_MODELS: dict[str, Literal["tiny", "small"]] = {"embedded-tiny": "tiny", "embedded-small": "small"}
+# Embedded models built by ``tiny.build_tiny_model`` only (``embedded-tiny`` is in ``twins.TWINS``).
+EMBEDDED_MODELS: dict[str, Literal["tiny", "small"]] = {"embedded-small": "small"}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Quantization = Literal["4bit", "8bit"]
 Vocab = Literal["small", "qwen"]
@@ -108,8 +109,8 @@ def load_model_and_processor(
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """``model`` is an embedded model (random weights from ``seed``), a folder or a hub id of any family.
 
-    Embedded: ``embedded-tiny``/``embedded-small`` (Qwen2.5-VL) or a twin of another family
-    (``twins.TWINS``). Otherwise the family comes from the checkpoint's ``config.model_type``.
+    Embedded: a family's twin (``twins.TWINS``; ``embedded-tiny`` is Qwen2.5-VL's) or the larger
+    Qwen2.5-VL ``embedded-small``. Otherwise the family comes from the checkpoint's ``config.model_type``.
     ``vocab`` picks the embedded models' tokenizer: ``small`` (1,024 ids, trained here) or ``qwen``
     (the family's real tokenizer and vocabulary, see ``backbone/vocab.py``); a checkpoint brings its own.
     A folder holding a ``config.json`` and a processor but no weights is an architecture only: random

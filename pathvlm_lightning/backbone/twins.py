@@ -1,6 +1,7 @@
 """Embedded twins of every family: random weights from a config, the project's tokenizers, no download.
 
-``embedded-tiny`` (Qwen2.5-VL, ``backbone/tiny.py``) is the original; each other family gets a
+``embedded-tiny`` is the Qwen2.5-VL twin (its config, tokenizer and image processor are those of
+``backbone/tiny.py``, which also builds the larger ``embedded-small``); each other family gets a
 twin of the same size (text 128 x 2 layers, vision 64 x 2 blocks) and, with ``vocab="small"``, the
 same 1,024-id tokenizer, so the demo configs run on any of them by changing the model line. With
 ``vocab="qwen"`` a twin gets its family's real tokenizer (``Family.vocab_spec``) and embedding rows.
@@ -17,6 +18,7 @@ from pathvlm_lightning.backbone.vocab import build_tokenizer
 
 #: twin name -> ``model_type`` of its family.
 TWINS: dict[str, str] = {
+    "embedded-tiny": "qwen2_5_vl",
     "embedded-tiny-qwen2-vl": "qwen2_vl",
     "embedded-tiny-qwen3-vl": "qwen3_vl",
     "embedded-tiny-qwen3.5": "qwen3_5",
