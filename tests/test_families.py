@@ -24,6 +24,7 @@ from transformers import AutoModelForImageTextToText, LlamaConfig
 
 from pathvlm_lightning.backbone import Backbone, LoraOptions, completion_mask, load_processor
 from pathvlm_lightning.backbone.families import FAMILIES, family_for_config
+from pathvlm_lightning.backbone.tiny import build_tiny_model, build_tiny_processor
 from pathvlm_lightning.commands import infer
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.dist_worker import FAMILY_SCENARIOS, SCENARIOS, run_scenario
@@ -72,6 +73,13 @@ def test_family_is_detected_from_the_config(model):
     assert backbone.hf_model.config.model_type == TWINS[model]
     assert all(not p.requires_grad for p in family.vision_tower(backbone.hf_model).parameters())
     assert len(family.decoder_layers(backbone.hf_model)) == 2 and len(family.vision_blocks(backbone.hf_model)) == 2
+
+
+def test_embedded_tiny_is_the_qwen2_5_twin_of_tiny_py():
+    # embedded-tiny goes through the families' twin path; it must stay the model tiny.py builds.
+    expected = build_tiny_model(build_tiny_processor(), "tiny", seed=0).state_dict()
+    built = Backbone(model="embedded-tiny").hf_model.state_dict()
+    assert built.keys() == expected.keys() and all(torch.equal(built[k], expected[k]) for k in expected)
 
 
 def test_unknown_family_is_a_clear_error():
