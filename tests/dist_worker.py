@@ -4,13 +4,16 @@ Launched the way a user launches a job with torchrun::
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR DATA_DIR
     torchrun --standalone --nproc_per_node NUM_GPUS tests/dist_worker.py OUT_DIR DATA_DIR gpu
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR DATA_DIR families
 
 On CPU every rank runs each scenario of :data:`SCENARIOS` (a short Lightning fit on the embedded
 tiny Qwen2.5-VL over gloo) and writes ``OUT_DIR/<scenario>.rank<r>.json``; rank 0 also writes the
 trained weights ``OUT_DIR/<scenario>.pt`` (gathered in full under FSDP2). Then every rank counts
 FSDP2 all-gathers during ``generate`` and rank 0 writes ``OUT_DIR/gathers.json``. One launch keeps
 the process start-up cost (~15 s of imports on 2 cores) paid once. With ``gpu`` it runs
-:data:`GPU_SCENARIOS` instead, whose trainer settings come from the shipped GPU strategy configs.
+:data:`GPU_SCENARIOS` instead, whose trainer settings come from the shipped GPU strategy configs;
+with ``families``, :data:`FAMILY_SCENARIOS` (the FSDP2 GRPO step on each family's embedded twin,
+for ``tests/test_families.py``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Scenario:
     loss_type: str = "grpo"
     beta: float = 0.04
     export: bool = False
+    model: str = "embedded-tiny"
 
     def single(self, world_size: int = 2) -> Scenario:
         """The same global batch on one process."""
@@ -71,6 +75,10 @@ SCENARIOS: dict[str, Scenario] = {
     "grpo_ddp": Scenario("grpo", "ddp", batch_size=1),
     "grpo_fsdp2": Scenario("grpo", "fsdp2", batch_size=1),
     "dapo_ddp": Scenario("grpo", "ddp", batch_size=1, loss_type="dapo", beta=0.0),
+}
+FAMILY_SCENARIOS: dict[str, Scenario] = {
+    f"grpo_fsdp2_{model}": Scenario("grpo", "fsdp2", batch_size=1, model=model)
+    for model in ("embedded-tiny-qwen2-vl", "embedded-tiny-qwen3-vl", "embedded-tiny-qwen3.5")
 }
 GPU_SCENARIOS: dict[str, Scenario] = {
     "sft_fsdp1_gpu": Scenario("sft", "fsdp_gpu.yaml", batch_size=2, export=True),
@@ -185,7 +193,7 @@ def run_scenario(name: str, scenario: Scenario, data_dir: Path, out_dir: Path) -
     """Fits ``scenario`` for :data:`STEPS` steps and returns this rank's record; rank 0 writes the weights."""
     pl.seed_everything(0)  # LoRA's initialisation must agree across ranks: FSDP2 broadcasts nothing
     lora = LoraOptions(r=4, dropout=0.0) if scenario.lora else None  # dropout would differ per rank
-    backbone = Backbone(lora=lora)
+    backbone = Backbone(model=scenario.model, lora=lora)
     # SGD: the weights' change is lr x the gradient, so any gradient difference shows (Adam would
     # normalise away a uniform scale error, such as a missing division by the world size).
     optimizer = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
@@ -319,7 +327,8 @@ def count_generation_gathers(new_tokens: tuple[int, ...] = (2, 8)) -> dict[str, 
 
 
 def main(out_dir: Path, data_dir: Path, device: str = "cpu") -> None:
-    for name, scenario in (GPU_SCENARIOS if device == "gpu" else SCENARIOS).items():
+    scenarios = {"gpu": GPU_SCENARIOS, "families": FAMILY_SCENARIOS}.get(device, SCENARIOS)
+    for name, scenario in scenarios.items():
         record = run_scenario(name, scenario, data_dir, out_dir)
         (out_dir / f"{name}.rank{dist.get_rank()}.json").write_text(json.dumps(record))
     if device == "cpu":

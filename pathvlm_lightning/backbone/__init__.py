@@ -1,5 +1,6 @@
-"""The Qwen2.5-VL backbone: loading, the embedded tiny model, generation and token log-probs."""
+"""The vision-language backbone (every family in ``families``): loading, embedded models, generation, log-probs."""
 
+from pathvlm_lightning.backbone.loading import load_processor
 from pathvlm_lightning.backbone.lora import LoraOptions
 from pathvlm_lightning.backbone.logprobs import chunked_target_logprobs
 from pathvlm_lightning.backbone.sequences import completion_mask, pad_after_eos
@@ -8,7 +9,6 @@ from pathvlm_lightning.backbone.tiny import (
     TinyQwenVLProcessor,
     build_tiny_model,
     build_tiny_processor,
-    load_processor,
 )
 from pathvlm_lightning.backbone.wrapper import Backbone
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -9,23 +10,22 @@ from typing import Literal
 import torch
 from transformers import (
     AutoConfig,
+    AutoProcessor,
     BitsAndBytesConfig,
     GenerationConfig,
+    PreTrainedModel,
     ProcessorMixin,
-    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
 )
 from transformers.image_utils import SizeDict
 
-from pathvlm_lightning.backbone.tiny import (
-    TINY_MAX_PIXELS,
-    TINY_MIN_PIXELS,
-    build_tiny_model,
-    build_tiny_processor,
-    load_processor,
-)
+from pathvlm_lightning.backbone.families import FAMILIES, Family, family_for_config
+from pathvlm_lightning.backbone.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_model, build_tiny_processor
+from pathvlm_lightning.backbone.twins import TWINS, build_twin_model, build_twin_processor
 from pathvlm_lightning.backbone.vocab import build_processor, qwen2_5_vl_spec
 
-EMBEDDED_MODELS: dict[str, Literal["tiny", "small"]] = {"embedded-tiny": "tiny", "embedded-small": "small"}
+# Embedded models built by ``tiny.build_tiny_model`` only (``embedded-tiny`` is in ``twins.TWINS``).
+EMBEDDED_MODELS: dict[str, Literal["tiny", "small"]] = {"embedded-small": "small"}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Quantization = Literal["4bit", "8bit"]
 Vocab = Literal["small", "qwen"]
@@ -63,6 +63,40 @@ def set_pixel_bounds(processor: ProcessorMixin, min_pixels: int | None, max_pixe
     image_processor.size = SizeDict(shortest_edge=low, longest_edge=high)
 
 
+def load_processor(path: str | Path) -> ProcessorMixin:
+    """Load a processor folder or hub id of any family; Qwen-VL ones that need torchvision come back image-only.
+
+    ``AutoProcessor`` silently returns only the tokenizer for a folder saved from one of the
+    families' video-less processors (``Family.processor_class``), and cannot build the Qwen-VL
+    processors without torchvision (their video processor); both cases load through the family's
+    video-less class, which reads the same tokenizer and image-processor files. Those always come
+    back with the PIL image processor they were saved with (where torchvision is installed,
+    transformers would otherwise pick its torchvision twin, whose pixel values differ slightly).
+    """
+    videoless = {f.processor_class.__name__: f.processor_class for f in FAMILIES.values()}
+    config_file = Path(path) / "processor_config.json"
+    saved_class = json.loads(config_file.read_text()).get("processor_class") if config_file.is_file() else None
+    if saved_class in videoless:
+        processor = videoless[saved_class].from_pretrained(str(path))
+        processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
+        return processor
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except (OSError, ImportError, ValueError) as auto_error:
+        try:
+            return _videoless_class(path, saved_class).from_pretrained(str(path))
+        except Exception:
+            raise auto_error from None
+
+
+def _videoless_class(path: str | Path, saved_class: str | None) -> type[ProcessorMixin]:
+    """The family processor without video for a folder: by its saved processor class, else its model config."""
+    for family in FAMILIES.values():
+        if saved_class == family.processor_class.__base__.__name__:  # e.g. Qwen2_5_VLProcessor
+            return family.processor_class
+    return family_for_config(AutoConfig.from_pretrained(str(path)), str(path)).processor_class
+
+
 def load_model_and_processor(
     model: str,
     *,
@@ -73,36 +107,43 @@ def load_model_and_processor(
     quantization: Quantization | None,
     min_pixels: int | None,
     max_pixels: int | None,
-) -> tuple[Qwen2_5_VLForConditionalGeneration, ProcessorMixin]:
-    """``model`` is ``embedded-tiny``/``embedded-small`` (random weights from ``seed``), a folder or a hub id.
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """``model`` is an embedded model (random weights from ``seed``), a folder or a hub id of any family.
 
+    Embedded: a family's twin (``twins.TWINS``; ``embedded-tiny`` is Qwen2.5-VL's) or the larger
+    Qwen2.5-VL ``embedded-small``. Otherwise the family comes from the checkpoint's ``config.model_type``.
     ``vocab`` picks the embedded models' tokenizer: ``small`` (1,024 ids, trained here) or ``qwen``
-    (Qwen2.5-VL's real 151,936-row vocabulary, see ``backbone/vocab.py``); a checkpoint brings its own.
+    (the family's real tokenizer and vocabulary, see ``backbone/vocab.py``); a checkpoint brings its own.
     A folder holding a ``config.json`` and a processor but no weights is an architecture only: random
     weights from ``seed`` at its shape (a 7B-shaped model with no download, for benchmarks).
     """
+    embedded = {**EMBEDDED_MODELS, **TWINS}
     if vocab not in VOCABS:
         raise ValueError(f"vocab {vocab!r} is not one of {list(VOCABS)}")
-    if vocab != "small" and model not in EMBEDDED_MODELS:
+    if vocab != "small" and model not in embedded:
         raise ValueError(
-            f"vocab={vocab!r} applies to the embedded models {sorted(EMBEDDED_MODELS)} only; "
+            f"vocab={vocab!r} applies to the embedded models {sorted(embedded)} only; "
             f"{model!r} brings its own tokenizer (leave vocab at 'small')"
         )
     torch_dtype = resolve_dtype(dtype)
     quant = quantization_config(quantization, torch_dtype) if quantization is not None else None
-    if model in EMBEDDED_MODELS:
-        if vocab == "qwen":
+    if model in embedded:
+        if model in TWINS:
+            processor = build_twin_processor(model, vocab)
+            hf_model = build_twin_model(model, processor, seed=seed, vocab=vocab)
+        elif vocab == "qwen":
             spec = qwen2_5_vl_spec()
             processor = build_processor(spec, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
             hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed, vocab_size=spec.vocab_size)
         else:
             processor = build_tiny_processor()
             hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed)
+        family = family_for_config(hf_model.config, model)
         if quant is not None:
             # bitsandbytes quantises while loading weights, so the random model goes through a folder.
             with tempfile.TemporaryDirectory() as folder:
                 hf_model.save_pretrained(folder)
-                hf_model = _from_pretrained(folder, torch_dtype, attn_implementation, quant)
+                hf_model = _from_pretrained(family, folder, torch_dtype, attn_implementation, quant)
         else:
             hf_model = hf_model.to(torch_dtype)
             hf_model.set_attn_implementation(attn_implementation)
@@ -110,17 +151,19 @@ def load_model_and_processor(
         if quant is not None:
             raise ValueError(f"{model!r} holds a config but no weights: random weights cannot be quantised")
         processor = load_processor(model)
+        config = AutoConfig.from_pretrained(model)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            hf_model = Qwen2_5_VLForConditionalGeneration._from_config(
-                AutoConfig.from_pretrained(model), dtype=torch_dtype, attn_implementation=attn_implementation
+            hf_model = family_for_config(config, model).model_class._from_config(
+                config, dtype=torch_dtype, attn_implementation=attn_implementation
             )
         if (Path(model) / "generation_config.json").is_file():
             hf_model.generation_config = GenerationConfig.from_pretrained(model)
     else:
+        family = family_for_config(AutoConfig.from_pretrained(model), model)
         processor = load_processor(model)
-        hf_model = _from_pretrained(model, torch_dtype, attn_implementation, quant)
+        hf_model = _from_pretrained(family, model, torch_dtype, attn_implementation, quant)
     if min_pixels is not None or max_pixels is not None:
         set_pixel_bounds(processor, min_pixels, max_pixels)
     return hf_model, processor
@@ -136,10 +179,10 @@ def _architecture_only(model: str) -> bool:
 
 
 def _from_pretrained(
-    source: str, dtype: torch.dtype, attn_implementation: str, quant: BitsAndBytesConfig | None
-) -> Qwen2_5_VLForConditionalGeneration:
+    family: Family, source: str, dtype: torch.dtype, attn_implementation: str, quant: BitsAndBytesConfig | None
+) -> PreTrainedModel:
     try:
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        return family.model_class.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quant
         )
     except (ImportError, RuntimeError) as error:

@@ -1,8 +1,9 @@
-"""FSDP2 (``fully_shard``) for Qwen2.5-VL: one all-gather per ``generate`` call instead of one per token,
+"""FSDP2 (``fully_shard``) for every model family: one all-gather per ``generate`` call instead of one per token,
 and the full weights gathered back into a plain model for export.
 
-Sharding unit: each language-model decoder layer and each vision block, then the root (embeddings,
-lm_head, norms, the vision patch embedding and merger). Non-root units reshard after forward (the
+Sharding unit: each language-model decoder layer and each vision block (where they live is the
+family's ``decoder_layers``/``vision_blocks``), then the root (embeddings, lm_head, norms, the
+vision patch embedding and merger(s)). Non-root units reshard after forward (the
 memory saving); the root keeps its parameters between forward and backward (FSDP2's own choice
 for roots), and :func:`gathered_for_generation` restores exactly these settings (True for nested
 units, False for roots) on exit.
@@ -21,20 +22,23 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
+from pathvlm_lightning.backbone.families import family_of
+
 
 def apply_fully_shard(
     model: PreTrainedModel, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None
 ) -> PreTrainedModel:
-    """Shard a (possibly peft-wrapped) Qwen2.5-VL in place with FSDP2 over ``mesh``; returns it.
+    """Shard a (possibly peft-wrapped) model of any family in place with FSDP2 over ``mesh``; returns it.
 
     Call after LoRA/freezing (FSDP2 keeps ``requires_grad`` per parameter, so frozen and trainable
     parameters may share a unit) and before the optimizer is built.
     """
     policy = mp_policy or MixedPrecisionPolicy()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in inner.model.language_model.layers:
+    family = family_of(inner)
+    for layer in family.decoder_layers(inner):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    for block in inner.model.visual.blocks:
+    for block in family.vision_blocks(inner):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     fully_shard(inner, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model

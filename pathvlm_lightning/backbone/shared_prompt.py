@@ -14,7 +14,8 @@ once, both giving what the G copies give up to float rounding:
   cannot be reused: activation checkpointing drops caches in a training forward.
 
 Both need the transformers 5.x model API (``cache``, ``mm_encoder_outputs``); :func:`sharing_mode`
-says which one applies.
+says which one applies. What differs between families (repeating the cache, DeepStack features,
+positions after the images) is asked of the model's :class:`~pathvlm_lightning.backbone.families.Family`.
 """
 
 from __future__ import annotations
@@ -24,18 +25,16 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import PreTrainedModel
 
+from pathvlm_lightning.backbone.families import Family
 from pathvlm_lightning.backbone.logprobs import final_hidden_states
 from pathvlm_lightning.backbone.sequences import expanded_image_order, images_per_row
 
 SharingMode = Literal["prompt", "images", "none"]
 
 
-def sharing_mode(
-    model: Qwen2_5_VLForConditionalGeneration, inputs: Mapping[str, torch.Tensor], sharded: bool
-) -> SharingMode:
+def sharing_mode(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], sharded: bool) -> SharingMode:
     """How much of a prompt ``token_logprobs`` can compute once for its G completions.
 
     ``none`` for text-only prompts (their positions follow another rule; pathology prompts always
@@ -53,7 +52,8 @@ def sharing_mode(
 
 
 def shared_prompt_hidden(
-    model: Qwen2_5_VLForConditionalGeneration,
+    family: Family,
+    model: PreTrainedModel,
     inputs: Mapping[str, torch.Tensor],
     fed_completions: torch.Tensor,
     completion_mask: torch.Tensor,
@@ -74,17 +74,14 @@ def shared_prompt_hidden(
     if length == 1:
         return first
     cache = prompt.cache
-    cache.batch_repeat_interleave(g)  # every layer's keys/values [B, heads, P, d] -> [B*G, heads, P, d]
+    family.repeat_cache(cache, g)  # every layer's state [B, ...] -> [B*G, ...] (keys/values [B*G, heads, P, d])
     prompt_mask = inputs["attention_mask"].repeat_interleave(g, dim=0)  # [B*G, P]
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)[:, :-1]  # [B*G, P+L-1]
-    # Text after the images continues at (attended tokens so far - 1) + the prompt's rope delta, the
-    # same rule the model applies to a full sequence and to each generated token.
-    deltas = model.model.rope_deltas.repeat_interleave(g, dim=0)  # [B*G, 1]
-    positions = (mask.cumsum(dim=1) - 1)[:, prompt_mask.shape[1] :] + deltas  # [B*G, L-1]
+    positions = (mask.cumsum(dim=1) - 1)[:, prompt_mask.shape[1] :]  # [B*G, L-1]: attended tokens so far - 1
     rest = model(
         input_ids=fed_completions[:, :-1],
         attention_mask=mask,
-        position_ids=positions.unsqueeze(0).expand(3, -1, -1),  # [3, B*G, L-1]: text has t = h = w
+        position_ids=family.continuation_positions(model, positions, g),  # [3, B*G, L-1]
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
@@ -94,7 +91,7 @@ def shared_prompt_hidden(
 
 
 def expanded_image_features(
-    model: Qwen2_5_VLForConditionalGeneration, inputs: Mapping[str, torch.Tensor], num_generations: int
+    family: Family, model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], num_generations: int
 ) -> dict[str, Any]:
     """``mm_encoder_outputs`` for the B*G expanded rows: each of the B prompts' images encoded once.
 
@@ -102,8 +99,7 @@ def expanded_image_features(
     :func:`~pathvlm_lightning.backbone.sequences.expanded_image_order`).
     """
     grid = inputs["image_grid_thw"]  # [N, 3]
-    features = model.get_image_features(inputs["pixel_values"], grid, return_dict=True).pooler_output  # N x [tokens, H]
+    features = family.encode_images(model, inputs["pixel_values"], grid)  # pooler_output: N x [tokens, H]
     config = model.config
     counts = images_per_row(inputs["input_ids"], grid, config.image_token_id, config.vision_config.spatial_merge_size)
-    shared = [features[i] for i in expanded_image_order(counts, num_generations)]  # N*G x [tokens, H]
-    return {"image": BaseModelOutputWithPooling(pooler_output=shared)}
+    return {"image": family.select_images(features, expanded_image_order(counts, num_generations))}  # N*G images

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Literal
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
-    AutoProcessor,
     GenerationConfig,
     ProcessorMixin,
     Qwen2_5_VLConfig,
@@ -203,7 +201,7 @@ class TinyQwenVLProcessor(Qwen2_5_VLProcessor):
 
     transformers 5.x type-checks the video slot against a class that needs torchvision; the
     processor derives its parts from this ``__init__`` signature, so dropping the argument drops
-    the slot. Save with ``save_pretrained``; reload with :func:`load_processor`.
+    the slot. Save with ``save_pretrained``; reload with ``backbone.loading.load_processor``.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -220,31 +218,6 @@ def build_tiny_processor(
         tokenizer=tokenizer,
         chat_template=TINY_CHAT_TEMPLATE,
     )
-
-
-def load_processor(path: str | Path) -> ProcessorMixin:
-    """Load a processor folder or hub id; Qwen-VL ones that need torchvision come back image-only.
-
-    ``AutoProcessor`` silently returns only the tokenizer for a folder saved from
-    :class:`TinyQwenVLProcessor`, and cannot build Qwen2.5-VL's own processor without torchvision
-    (its video processor); both cases load through :class:`TinyQwenVLProcessor`, which reads the
-    same tokenizer and image-processor files. The tiny processor always comes back with the PIL image
-    processor it was saved with (where torchvision is installed, transformers would otherwise pick
-    its torchvision twin, whose pixel values differ slightly).
-    """
-    config_file = Path(path) / "processor_config.json"
-    if config_file.is_file():
-        if json.loads(config_file.read_text()).get("processor_class") == TinyQwenVLProcessor.__name__:
-            processor = TinyQwenVLProcessor.from_pretrained(str(path))
-            processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
-            return processor
-    try:
-        return AutoProcessor.from_pretrained(str(path))
-    except (OSError, ImportError, ValueError) as auto_error:
-        try:
-            return TinyQwenVLProcessor.from_pretrained(str(path))
-        except Exception:
-            raise auto_error from None
 
 
 _SIZES: dict[str, dict[str, int]] = {

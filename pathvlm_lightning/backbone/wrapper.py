@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL backbone every module and callback goes through.
+"""The vision-language backbone every module and callback goes through (any family in ``families``).
 
 ``generate`` and ``token_logprobs`` are the two hot paths of GRPO; keeping all callers on them
 means later speedups (one vision pass and one prefill per group of G) land in one place.
@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
-from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from pathvlm_lightning.backbone import sharding
 from pathvlm_lightning.backbone.export import export_pretrained
+from pathvlm_lightning.backbone.families import family_of
 from pathvlm_lightning.backbone.loading import Quantization, Vocab, load_model_and_processor
 from pathvlm_lightning.backbone.logprobs import (
     DEFAULT_CHUNK_SIZE,
@@ -38,12 +39,15 @@ from pathvlm_lightning.backbone.sequences import (
 
 
 class Backbone(torch.nn.Module):
-    """Qwen2.5-VL plus its processor, with LoRA, quantisation and freezing applied at construction.
+    """A Qwen-VL model of any supported family plus its processor, with LoRA, quantisation and freezing
+    applied at construction; what differs between families is asked of ``self.family``.
 
     Args:
-        model: ``embedded-tiny`` / ``embedded-small`` (offline random model), a folder or a hub id.
+        model: ``embedded-tiny`` / ``embedded-small`` (offline random Qwen2.5-VL), an embedded twin of
+            another family (``embedded-tiny-qwen2-vl``, ``embedded-tiny-qwen3-vl``,
+            ``embedded-tiny-qwen3.5``), a folder or a hub id (family from its ``config.model_type``).
         vocab: the embedded models' tokenizer: ``small`` (1,024 ids, fast on CPU) or ``qwen``
-            (Qwen2.5-VL's real tokenizer and 151,936-row vocabulary, built offline).
+            (the family's real tokenizer and vocabulary, built offline).
         seed: initialisation seed of the embedded models.
         dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
@@ -93,8 +97,9 @@ class Backbone(torch.nn.Module):
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         )
+        self.family = family_of(hf_model)
         if freeze_vision:
-            hf_model.model.visual.requires_grad_(False)
+            self.family.vision_tower(hf_model).requires_grad_(False)
         if gradient_checkpointing and not (quantization and lora):  # else peft's k-bit preparation does it
             _enable_checkpointing(hf_model)
         if lora is not None:
@@ -106,7 +111,7 @@ class Backbone(torch.nn.Module):
 
     # ------------------------------------------------------------------ identity
     @property
-    def hf_model(self) -> Qwen2_5_VLForConditionalGeneration:
+    def hf_model(self) -> PreTrainedModel:
         """The transformers model (with LoRA layers inside it when ``has_lora``)."""
         return self.model.get_base_model() if self.has_lora else self.model
 
@@ -130,12 +135,7 @@ class Backbone(torch.nn.Module):
     @property
     def vision_token_ids(self) -> tuple[int, ...]:
         """Ids that mark image/video slots; never sampled, never fed back as slots."""
-        config = self.hf_model.config
-        ids = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
-        vision_pad = self.processor.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
-        if isinstance(vision_pad, int) and vision_pad != self.processor.tokenizer.unk_token_id:
-            ids.add(vision_pad)
-        return tuple(sorted(i for i in ids if i is not None))
+        return self.family.vision_token_ids(self.hf_model.config, self.processor.tokenizer)
 
     # ------------------------------------------------------------------ forward paths
     def forward(self, **batch: torch.Tensor) -> ModelOutput:
@@ -235,7 +235,7 @@ class Backbone(torch.nn.Module):
         mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
         mode = sharing_mode(self.hf_model, inputs, sharded=bool(sharding.fsdp_units(self.model)))
         if self.share_prompts and mode == "prompt":
-            hidden = shared_prompt_hidden(self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, H]
+            hidden = shared_prompt_hidden(self.family, self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, H]
         else:
             share_images = self.share_prompts and mode == "images"
             hidden = self._copies_hidden(inputs, fed, mask, num_generations, share_images)  # [B*G, L, H]
@@ -305,7 +305,7 @@ class Backbone(torch.nn.Module):
         (``share_images``: the copies get image features encoded once instead of pixels)."""
         features = None
         if share_images:
-            features = expanded_image_features(self.hf_model, inputs, num_generations)
+            features = expanded_image_features(self.family, self.hf_model, inputs, num_generations)
             inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         expanded = self._expand(inputs, num_generations)
         input_ids = torch.cat([expanded["input_ids"], fed], dim=1)  # [B*G, P+L]
@@ -342,7 +342,7 @@ class Backbone(torch.nn.Module):
         )
 
 
-def _enable_checkpointing(model: Qwen2_5_VLForConditionalGeneration) -> None:
+def _enable_checkpointing(model: PreTrainedModel) -> None:
     """Non-reentrant activation checkpointing (``activation_checkpointing_enable`` is absent in transformers 5.17)."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
