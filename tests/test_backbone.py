@@ -193,16 +193,16 @@ def test_token_logprobs_temperature(tiny_backbone, prompts):
     assert not torch.allclose(hot, backbone.token_logprobs(prompts, completions, num_generations=1))
 
 
-@pytest.mark.parametrize(("share_prompts", "expected"), [(True, [1, 6]), (False, [8])])
-def test_token_logprobs_only_compute_completion_logits(tiny_backbone, prompts, share_prompts, expected):
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_token_logprobs_only_compute_completion_logits(tiny_backbone, prompts, share_prompts):
     backbone = tiny_backbone(share_prompts=share_prompts)
     positions = []
     backbone.hf_model.lm_head.register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
     completions = torch.full((2, 7), 5)
     backbone.token_logprobs(prompts, completions, num_generations=1)
-    # Shared: the prompt's last position, then the L - 1 fed completion tokens; copies: the last L + 1
-    # positions. Never the prompt's 30-odd positions.
-    assert positions == expected
+    # One position inside the model's forward (it keeps one), then the L = 7 positions that predict
+    # completion tokens. Never the prompt's 30-odd positions.
+    assert positions == [1, 7]
 
 
 def test_token_logprobs_backpropagate(tiny_backbone, prompts):
@@ -333,7 +333,6 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny
     mixed = _mixed_image_prompts(tiny_processor)
     prompt_length = mixed["input_ids"].shape[1]
     # A trainable vision tower: its gradient must add up over the G rows that share the features.
-    # Activation checkpointing drops the prompt cache, so then only the images are shared.
     kwargs = dict(freeze_vision=False, gradient_checkpointing=checkpointing)
     shared, copies = tiny_backbone(**kwargs), tiny_backbone(share_prompts=False, **kwargs)
     vision_calls = {"shared": _images_per_vision_call(shared), "copies": _images_per_vision_call(copies)}
@@ -352,10 +351,10 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny
         assert expected.abs().max() > 0
         torch.testing.assert_close(dict(shared.named_parameters())[name].grad, expected, atol=1e-5, rtol=1e-4)
     assert vision_calls == {"shared": [3], "copies": [9]}
-    # Shared: the 2 prompts once, then 6 rows of the 4 fed completion tokens; copies: 6 rows of P + L.
-    copies_shape = (6, prompt_length + 5)
-    prompt_once = [(2, prompt_length), (6, 4)] if not checkpointing else [copies_shape]
-    assert decoder_calls == {"shared": prompt_once, "copies": [copies_shape]}
+    # Shared: one sequence per prompt, the prompt then 3 blocks of the 4 fed completion tokens (also
+    # under checkpointing; see tests/test_prefix_group.py); copies: 6 rows of P + L.
+    grouped = (2, prompt_length + 3 * 4)
+    assert decoder_calls == {"shared": [grouped], "copies": [(6, prompt_length + 5)]}
 
 
 # ---------------------------------------------------------------- export

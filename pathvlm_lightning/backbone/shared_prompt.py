@@ -1,20 +1,23 @@
-"""Scoring G completions per prompt without paying for the prompt G times.
+"""Which way ``Backbone.token_logprobs`` scores G completions per prompt without paying for the prompt G times.
 
 The G completions of a GRPO group share one prompt: the same tokens and the same images. Scoring
 them as G separate sequences runs the vision tower and every decoder layer over the prompt G times,
-and the prompt is most of each sequence (an image alone is 256 tokens at 448x448). Two ways to pay
-once, both giving what the G copies give up to float rounding:
+and the prompt is most of each sequence (an image alone is 256 tokens at 448x448). Each way below
+gives what the G copies give, up to float rounding (gradients reaching the prompt's computation
+arrive once, summed over its G completions, which is the sum the copies would produce):
 
-- ``shared_prompt_logits``: the prompt goes through the model once (its images encoded once), its
-  key/value cache is repeated G times, and the completions run against it. In backward, gradients
-  reach the prompt's computation once, summed over its G completions, which is the sum the G copies
-  would have produced.
-- ``expanded_image_features``: only the images are encoded once and their features are handed to
-  the G copies (``mm_encoder_outputs``); the prompt tokens still run G times. For when the cache
-  cannot be reused: activation checkpointing drops caches in a training forward.
-
-Both need the transformers 5.x model API (``cache``, ``mm_encoder_outputs``); :func:`sharing_mode`
-says which one applies.
+- ``grouped`` (``backbone/prefix_group.py``): one sequence per prompt, ``[prompt, c_1, ..., c_G]``,
+  with a block attention mask, in one ordinary forward. Needs an attention backend that takes a
+  4-D mask (``sdpa``, ``eager``); works sharded (FSDP2) and under activation checkpointing.
+- ``cache`` (:func:`cached_prompt_hidden_states`): the prompt goes through the model once, its
+  key/value cache is repeated G times, and the completions run against it in a second forward.
+  Works with any attention backend (flash-attention included), but only in one process (two root
+  forwards per backward are not what FSDP2's hooks expect) and without activation checkpointing
+  (which drops caches in a training forward).
+- ``images`` (:func:`expanded_image_features`): only the images are encoded once, their features
+  handed to the G copies (``mm_encoder_outputs``); the prompt tokens still run G times. For
+  flash-attention under activation checkpointing.
+- ``none``: G copies.
 """
 
 from __future__ import annotations
@@ -27,38 +30,43 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from pathvlm_lightning.backbone.prefix_group import can_group
 from pathvlm_lightning.backbone.sequences import expanded_image_order, images_per_row
 
-SharingMode = Literal["prompt", "images", "none"]
+SharingMode = Literal["grouped", "cache", "images", "none"]
 
 
 def sharing_mode(
-    model: Qwen2_5_VLForConditionalGeneration, inputs: Mapping[str, torch.Tensor], sharded: bool
+    model: Qwen2_5_VLForConditionalGeneration, inputs: Mapping[str, torch.Tensor], *, share: bool, sharded: bool
 ) -> SharingMode:
-    """How much of a prompt ``token_logprobs`` can compute once for its G completions.
+    """How ``token_logprobs`` computes a prompt once for its G completions (see the module docstring).
 
-    ``none`` for text-only prompts (their positions follow another rule; pathology prompts always
-    carry an image), FSDP2-sharded models (the vision tower would run outside the sharded root's
-    forward, and two root forwards per backward are untested there) and transformers without the
-    5.x arguments; ``images`` while activation checkpointing would drop the cache; else ``prompt``.
+    ``grouped`` whenever the attention backend takes a block mask. Otherwise (flash-attention):
+    ``none`` for text-only prompts (the cache path continues positions by the rope delta of an image
+    prompt), FSDP2-sharded models, and transformers without the 5.x arguments; ``images`` while
+    activation checkpointing would drop the cache; else ``cache``. ``share=False``: always ``none``.
     """
+    if not share:
+        return "none"
+    if can_group(model):
+        return "grouped"
     accepted = inspect.signature(model.forward).parameters
     if inputs.get("pixel_values") is None or sharded or not {"cache", "mm_encoder_outputs"} <= set(accepted):
         return "none"
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if checkpointing and model.training and torch.is_grad_enabled():
         return "images"
-    return "prompt"
+    return "cache"
 
 
-def shared_prompt_logits(
+def cached_prompt_hidden_states(
     model: Qwen2_5_VLForConditionalGeneration,
     inputs: Mapping[str, torch.Tensor],
     fed_completions: torch.Tensor,
     completion_mask: torch.Tensor,
     num_generations: int,
 ) -> torch.Tensor:
-    """Logits [B*G, L, V] whose row ``r``, position ``j`` predicts completion token ``j`` of row ``r``.
+    """Final hidden states [B*G, L, H] whose row ``r``, position ``j`` predicts completion token ``j`` of row ``r``.
 
     ``inputs`` are the B prompts (``input_ids``/``attention_mask``/``mm_token_type_ids`` [B, P], pixels,
     grids); ``fed_completions`` [B*G, L] the ids to feed (vision ids already replaced) and
@@ -66,8 +74,8 @@ def shared_prompt_logits(
     fed: nothing is predicted from it.
     """
     g = num_generations
-    prompt = model(**inputs, use_cache=True, logits_to_keep=1)
-    first = prompt.logits.repeat_interleave(g, dim=0)  # [B*G, 1, V]: the last prompt position predicts token 0
+    prompt = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=[-1])
+    first = prompt.hidden_states[-1][:, -1:].repeat_interleave(g, dim=0)  # [B*G, 1, H]: predicts token 0
     length = fed_completions.shape[1]
     if length == 1:
         return first
@@ -85,8 +93,10 @@ def shared_prompt_logits(
         position_ids=positions.unsqueeze(0).expand(3, -1, -1),  # [3, B*G, L-1]: text has t = h = w
         cache=cache,
         use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=[-1],
     )
-    return torch.cat([first, rest.logits], dim=1)  # [B*G, L, V]
+    return torch.cat([first, rest.hidden_states[-1]], dim=1)  # [B*G, L, H]
 
 
 def expanded_image_features(

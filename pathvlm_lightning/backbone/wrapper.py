@@ -21,7 +21,13 @@ from pathvlm_lightning.backbone import sharding
 from pathvlm_lightning.backbone.export import export_pretrained
 from pathvlm_lightning.backbone.loading import Quantization, load_model_and_processor
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
-from pathvlm_lightning.backbone.shared_prompt import expanded_image_features, shared_prompt_logits, sharing_mode
+from pathvlm_lightning.backbone.prefix_group import final_hidden_states, grouped_hidden_states
+from pathvlm_lightning.backbone.shared_prompt import (
+    SharingMode,
+    cached_prompt_hidden_states,
+    expanded_image_features,
+    sharing_mode,
+)
 from pathvlm_lightning.backbone.sequences import (
     completion_mask,
     expand_prompt_inputs,
@@ -48,9 +54,12 @@ class Backbone(torch.nn.Module):
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
         share_prompts: the G completions of a prompt share its tokens and images, so ``generate``
             encodes each image once (transformers 5.x) and ``token_logprobs`` runs each prompt once
-            and its G completions against the prompt's repeated key/value cache (see
-            ``backbone/shared_prompt.py``; where that cannot be done, as many copies as needed).
-            Results equal G separate copies up to float rounding; ``False`` always runs G copies.
+            for its G completions: as one sequence ``[prompt, c_1, ..., c_G]`` with a block
+            attention mask (``sdpa``/``eager``; also under FSDP2 and activation checkpointing,
+            ``backbone/prefix_group.py``), else against the prompt's repeated key/value cache or
+            with its images encoded once (flash-attention; see ``backbone/shared_prompt.py`` and
+            :meth:`sharing_mode`). Results equal G separate copies up to float rounding; ``False``
+            always runs G copies.
     """
 
     def __init__(
@@ -199,12 +208,12 @@ class Backbone(torch.nn.Module):
         """float32 log p(completion token | prompt, earlier tokens) -> [B*G, L]; differentiable.
 
         Logits are divided by ``temperature`` (match the sampling temperature). Vocabulary logits
-        are computed only where a completion token is predicted (L positions; L+1 when the prompt
-        is copied, ``logits_to_keep``), never over the prompt. Vision ids in the completion are fed
-        as pad so they are not read as image slots; their log-probs are still those of the given ids.
-        Positions after the first EOS are masked from attention and their values are meaningless.
-        Runs in whatever mode the module is in (dropout included). With ``share_prompts`` each
-        prompt runs once for its G completions (gradients reaching it add up over them).
+        are computed only where a completion token is predicted (L positions per row), never over
+        the prompt. Vision ids in the completion are fed as pad so they are not read as image
+        slots; their log-probs are still those of the given ids. Positions after the first EOS are
+        masked from attention and their values are meaningless. Runs in whatever mode the module
+        is in (dropout included). With ``share_prompts`` each prompt runs once for its G
+        completions (gradients reaching it add up over them; :meth:`sharing_mode` says how).
         """
         inputs = self._on_device(prompt_inputs)  # [B, P]
         rows = inputs["input_ids"].shape[0] * num_generations
@@ -216,13 +225,20 @@ class Backbone(torch.nn.Module):
         completion_ids = completion_ids.to(inputs["input_ids"].device)
         fed = replace_tokens(completion_ids, self.vision_token_ids, self.pad_token_id)  # [B*G, L]
         mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
-        mode = sharing_mode(self.hf_model, inputs, sharded=bool(sharding.fsdp_units(self.model)))
-        if self.share_prompts and mode == "prompt":
-            logits = shared_prompt_logits(self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, V]
+        mode = self.sharing_mode(inputs)
+        if mode == "grouped":
+            hidden = grouped_hidden_states(self.hf_model, inputs, fed, num_generations)  # [B*G, L, H]
+        elif mode == "cache":
+            hidden = cached_prompt_hidden_states(self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, H]
         else:
-            share_images = self.share_prompts and mode == "images"
-            logits = self._copies_logits(inputs, fed, mask, num_generations, share_images)  # [B*G, L, V]
-        return selective_log_softmax(logits, completion_ids, temperature)
+            hidden = self._copies_hidden_states(inputs, fed, mask, num_generations, mode == "images")  # [B*G, L, H]
+        return selective_log_softmax(self.hf_model.lm_head(hidden), completion_ids, temperature)
+
+    def sharing_mode(self, prompt_inputs: Mapping[str, torch.Tensor]) -> SharingMode:
+        """How ``token_logprobs`` computes each of these prompts once for its G completions:
+        ``grouped``, ``cache``, ``images`` or ``none`` (G copies); see ``backbone/shared_prompt.py``."""
+        sharded = bool(sharding.fsdp_units(self.model))
+        return sharing_mode(self.hf_model, prompt_inputs, share=self.share_prompts, sharded=sharded)
 
     # ------------------------------------------------------------------ reference model
     @contextmanager
@@ -265,7 +281,7 @@ class Backbone(torch.nn.Module):
         config = self.hf_model.config
         return mm_token_types(input_ids, config.image_token_id, config.video_token_id)
 
-    def _copies_logits(
+    def _copies_hidden_states(
         self,
         inputs: dict[str, torch.Tensor],
         fed: torch.Tensor,
@@ -273,7 +289,7 @@ class Backbone(torch.nn.Module):
         num_generations: int,
         share_images: bool,
     ) -> torch.Tensor:
-        """Logits [B*G, L, V] from G full copies of each prompt followed by its completions
+        """Final hidden states [B*G, L, H] from G full copies of each prompt followed by its completions
         (``share_images``: the copies get image features encoded once instead of pixels)."""
         features = None
         if share_images:
@@ -282,17 +298,17 @@ class Backbone(torch.nn.Module):
         expanded = self._expand(inputs, num_generations)
         input_ids = torch.cat([expanded["input_ids"], fed], dim=1)  # [B*G, P+L]
         attention_mask = torch.cat([expanded["attention_mask"], mask.to(expanded["attention_mask"].dtype)], dim=1)
-        outputs = self.hf_model(
+        hidden = final_hidden_states(
+            self.hf_model,
             input_ids=input_ids,
             attention_mask=attention_mask,
             mm_token_type_ids=self._token_types(input_ids),
             pixel_values=expanded.get("pixel_values"),
             image_grid_thw=expanded.get("image_grid_thw"),
             **({"mm_encoder_outputs": features} if features is not None else {}),
-            logits_to_keep=fed.shape[1] + 1,
             use_cache=False,
-        )
-        return outputs.logits[:, :-1]  # [B*G, L, V]: position P-1+j predicts completion token j
+        )  # [B*G, P+L, H]
+        return hidden[:, -fed.shape[1] - 1 : -1]  # [B*G, L, H]: position P-1+j predicts completion token j
 
     def _on_device(self, prompt_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prompt tensors on the model's device, with token types."""
