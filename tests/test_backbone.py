@@ -42,10 +42,10 @@ def prompts(tiny_processor) -> dict[str, torch.Tensor]:
 
 
 def _bias_logits(backbone, token_ids: list[int], amount: float) -> None:
-    """Add ``amount`` to the logits of ``token_ids`` (lm_head is tied to the embeddings, so use a hook)."""
+    """Add ``amount`` to the logits of ``token_ids`` (lm_head is tied to the embeddings, so as a bias)."""
     bias = torch.zeros(backbone.hf_model.config.text_config.vocab_size)
     bias[token_ids] = amount
-    backbone.hf_model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
+    backbone.hf_model.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
 
 
 def _naive_logprobs(backbone, prompt_inputs, completion_ids, num_generations, temperature=1.0):
@@ -200,9 +200,10 @@ def test_token_logprobs_only_compute_completion_logits(tiny_backbone, prompts, s
     backbone.hf_model.lm_head.register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
     completions = torch.full((2, 7), 5)
     backbone.token_logprobs(prompts, completions, num_generations=1)
-    # One position inside the model's forward (it keeps one), then the L = 7 positions that predict
-    # completion tokens. Never the prompt's 30-odd positions.
-    assert positions == [1, 7]
+    # The model's lm_head runs over one position in its one forward (shared: the grouped sequence;
+    # copies: the G copies); log-probs come from hidden states, projected in chunks by
+    # backbone/logprobs.py. Never the prompt's 30-odd positions.
+    assert positions == [1]
 
 
 def test_token_logprobs_backpropagate(tiny_backbone, prompts):

@@ -1,7 +1,8 @@
 """The Qwen2.5-VL backbone: loading, the embedded tiny model, generation and token log-probs."""
 
 from pathvlm_lightning.backbone.lora import LoraOptions
-from pathvlm_lightning.backbone.sequences import completion_mask, pad_after_eos, selective_log_softmax
+from pathvlm_lightning.backbone.logprobs import chunked_target_logprobs
+from pathvlm_lightning.backbone.sequences import completion_mask, pad_after_eos
 from pathvlm_lightning.backbone.sharding import apply_fully_shard, gathered_for_generation
 from pathvlm_lightning.backbone.tiny import (
     TinyQwenVLProcessor,
@@ -18,9 +19,9 @@ __all__ = [
     "apply_fully_shard",
     "build_tiny_model",
     "build_tiny_processor",
+    "chunked_target_logprobs",
     "completion_mask",
     "gathered_for_generation",
     "load_processor",
     "pad_after_eos",
-    "selective_log_softmax",
 ]

@@ -9,11 +9,20 @@ import torch
 from transformers import BitsAndBytesConfig, ProcessorMixin, Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import SizeDict
 
-from pathvlm_lightning.backbone.tiny import build_tiny_model, build_tiny_processor, load_processor
+from pathvlm_lightning.backbone.tiny import (
+    TINY_MAX_PIXELS,
+    TINY_MIN_PIXELS,
+    build_tiny_model,
+    build_tiny_processor,
+    load_processor,
+)
+from pathvlm_lightning.backbone.vocab import build_processor, qwen2_5_vl_spec
 
 EMBEDDED_MODELS: dict[str, Literal["tiny", "small"]] = {"embedded-tiny": "tiny", "embedded-small": "small"}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Quantization = Literal["4bit", "8bit"]
+Vocab = Literal["small", "qwen"]
+VOCABS = ("small", "qwen")
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -50,6 +59,7 @@ def set_pixel_bounds(processor: ProcessorMixin, min_pixels: int | None, max_pixe
 def load_model_and_processor(
     model: str,
     *,
+    vocab: Vocab = "small",
     seed: int,
     dtype: str,
     attn_implementation: str,
@@ -57,12 +67,28 @@ def load_model_and_processor(
     min_pixels: int | None,
     max_pixels: int | None,
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ProcessorMixin]:
-    """``model`` is ``embedded-tiny``/``embedded-small`` (random weights from ``seed``), a folder or a hub id."""
+    """``model`` is ``embedded-tiny``/``embedded-small`` (random weights from ``seed``), a folder or a hub id.
+
+    ``vocab`` picks the embedded models' tokenizer: ``small`` (1,024 ids, trained here) or ``qwen``
+    (Qwen2.5-VL's real 151,936-row vocabulary, see ``backbone/vocab.py``); a checkpoint brings its own.
+    """
+    if vocab not in VOCABS:
+        raise ValueError(f"vocab {vocab!r} is not one of {list(VOCABS)}")
+    if vocab != "small" and model not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"vocab={vocab!r} applies to the embedded models {sorted(EMBEDDED_MODELS)} only; "
+            f"{model!r} brings its own tokenizer (leave vocab at 'small')"
+        )
     torch_dtype = resolve_dtype(dtype)
     quant = quantization_config(quantization, torch_dtype) if quantization is not None else None
     if model in EMBEDDED_MODELS:
-        processor = build_tiny_processor()
-        hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed)
+        if vocab == "qwen":
+            spec = qwen2_5_vl_spec()
+            processor = build_processor(spec, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
+            hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed, vocab_size=spec.vocab_size)
+        else:
+            processor = build_tiny_processor()
+            hf_model = build_tiny_model(processor, EMBEDDED_MODELS[model], seed=seed)
         if quant is not None:
             # bitsandbytes quantises while loading weights, so the random model goes through a folder.
             with tempfile.TemporaryDirectory() as folder:

@@ -20,11 +20,11 @@ Flash-attention kernels take only a 2-D padding mask, so there :func:`can_group`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from pathvlm_lightning.backbone.logprobs import final_hidden_states
 from pathvlm_lightning.backbone.sequences import grouped_attention_mask, grouped_positions, grouped_token_index
 
 GROUPED_ATTENTION = ("sdpa", "eager")  # backends that accept an arbitrary 4-D mask
@@ -55,15 +55,17 @@ def grouped_hidden_states(
     mask = grouped_attention_mask(prompt_mask, g, fed)  # [B, 1, S, S] bool
     if model.config.get_text_config()._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    hidden = final_hidden_states(
-        model,
+    outputs = model(
         input_ids=torch.cat([prompt_ids, blocks], dim=1),  # [B, S]
         attention_mask=mask,
         position_ids=grouped_positions(prompt_positions(model, inputs), g, fed),  # [3, B, S]
         pixel_values=inputs.get("pixel_values"),
         image_grid_thw=inputs.get("image_grid_thw"),
+        logits_to_keep=1,  # the vocabulary projection is the caller's (backbone/logprobs.py)
+        output_hidden_states=True,
         use_cache=False,
-    )  # [B, S, H]
+    )
+    hidden = final_hidden_states(outputs)  # [B, S, H]
     index = grouped_token_index(prompt_length, g, length).to(hidden.device)  # [G, L]
     return hidden[:, index].reshape(batch * g, length, hidden.shape[-1])  # [B*G, L, H]
 
@@ -86,13 +88,3 @@ def prompt_positions(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor])
     )
     return positions
 
-
-def final_hidden_states(model: PreTrainedModel, **inputs: Any) -> torch.Tensor:
-    """The final (normed) hidden states [B, S, H] of one root forward of ``model`` on ``inputs``.
-
-    A call of the model itself, so FSDP2's root hooks run; the vocabulary projection is left to
-    the caller, which applies it only where a completion token is predicted (the model's own
-    ``lm_head`` sees a single position per row here).
-    """
-    outputs = model(**inputs, output_hidden_states=[-1], logits_to_keep=1)
-    return outputs.hidden_states[-1]

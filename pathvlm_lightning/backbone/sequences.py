@@ -142,20 +142,6 @@ def pad_after_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int], pa
     return completion_ids.masked_fill(mask == 0, pad_token_id)
 
 
-def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """float32 ``log_softmax(logits / temperature)`` at ``token_ids``, one row at a time.
-
-    logits [N, L, V] (any float dtype), token_ids [N, L] -> [N, L] float32. Looping over rows keeps
-    the float32 copy to one row's [L, V]: with Qwen's 152k vocabulary the whole batch would not fit.
-    """
-    rows = []
-    for row_logits, row_ids in zip(logits, token_ids):  # [L, V], [L]
-        scaled = row_logits.float() / temperature
-        picked = scaled.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1)  # [L]
-        rows.append(picked - torch.logsumexp(scaled, dim=-1))
-    return torch.stack(rows)  # [N, L]
-
-
 def grouped_attention_mask(prompt_mask: torch.Tensor, num_generations: int, fed_length: int) -> torch.Tensor:
     """Which keys each query sees in the grouped sequences ``[prompt, c_1, ..., c_G]`` -> bool [B, 1, S, S].
 

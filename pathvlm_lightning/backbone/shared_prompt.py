@@ -30,6 +30,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from pathvlm_lightning.backbone.logprobs import final_hidden_states
 from pathvlm_lightning.backbone.prefix_group import can_group
 from pathvlm_lightning.backbone.sequences import expanded_image_order, images_per_row
 
@@ -71,11 +72,12 @@ def cached_prompt_hidden_states(
     ``inputs`` are the B prompts (``input_ids``/``attention_mask``/``mm_token_type_ids`` [B, P], pixels,
     grids); ``fed_completions`` [B*G, L] the ids to feed (vision ids already replaced) and
     ``completion_mask`` [B*G, L] which of them are attended to. The last completion token is never
-    fed: nothing is predicted from it.
+    fed: nothing is predicted from it. Each forward projects one position only (``logits_to_keep=1``);
+    the vocabulary projection is the caller's (``backbone/logprobs.py``).
     """
     g = num_generations
-    prompt = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=[-1])
-    first = prompt.hidden_states[-1][:, -1:].repeat_interleave(g, dim=0)  # [B*G, 1, H]: predicts token 0
+    prompt = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+    first = final_hidden_states(prompt)[:, -1:].repeat_interleave(g, dim=0)  # [B*G, 1, H]: predicts token 0
     length = fed_completions.shape[1]
     if length == 1:
         return first
@@ -94,9 +96,9 @@ def cached_prompt_hidden_states(
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
-        output_hidden_states=[-1],
+        output_hidden_states=True,
     )
-    return torch.cat([first, rest.hidden_states[-1]], dim=1)  # [B*G, L, H]
+    return torch.cat([first, final_hidden_states(rest)], dim=1)  # [B*G, L, H]
 
 
 def expanded_image_features(

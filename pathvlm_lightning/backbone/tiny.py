@@ -28,6 +28,7 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLImageProcessorPil,
 )
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 VOCAB_SIZE = 1024
 
@@ -260,15 +261,20 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [time, height, half - time - height]
 
 
-def build_tiny_config(tokenizer: Qwen2Tokenizer, size: Literal["tiny", "small"] = "tiny") -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config of the given size whose special-token ids match ``tokenizer``."""
+def build_tiny_config(
+    tokenizer: PreTrainedTokenizerBase, size: Literal["tiny", "small"] = "tiny", vocab_size: int | None = None
+) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of the given size whose special-token ids match ``tokenizer``.
+
+    ``vocab_size``: embedding rows (default ``len(tokenizer)``; Qwen pads its 151,665 ids to 151,936).
+    """
     if size not in _SIZES:
         raise ValueError(f"tiny model size {size!r} is not one of {sorted(_SIZES)}")
     s = _SIZES[size]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = s["hidden"] // s["heads"]
     text_config = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size if vocab_size is not None else len(tokenizer),
         "hidden_size": s["hidden"],
         "intermediate_size": s["ffn"],
         "num_hidden_layers": s["layers"],
@@ -304,15 +310,15 @@ def build_tiny_config(tokenizer: Qwen2Tokenizer, size: Literal["tiny", "small"] 
 
 
 def build_tiny_model(
-    processor: ProcessorMixin, size: Literal["tiny", "small"] = "tiny", seed: int = 0
+    processor: ProcessorMixin, size: Literal["tiny", "small"] = "tiny", seed: int = 0, vocab_size: int | None = None
 ) -> Qwen2_5_VLForConditionalGeneration:
     """A randomly initialised Qwen2.5-VL (float32, train mode); the same ``seed`` gives the same weights.
 
-    tiny: text 128 hidden x 2 layers, vision 64 x 2 blocks (~0.8 M parameters);
-    small: text 256 x 4, vision 128 x 4 (~4 M).
+    tiny: text 128 hidden x 2 layers, vision 64 x 2 blocks (~0.8 M parameters; 20 M with Qwen's
+    151,936-row vocabulary, tied); small: text 256 x 4, vision 128 x 4 (~4 M; 43 M with Qwen's).
     """
     tokenizer = processor.tokenizer
-    config = build_tiny_config(tokenizer, size)
+    config = build_tiny_config(tokenizer, size, vocab_size)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

@@ -19,9 +19,15 @@ from transformers.modeling_outputs import ModelOutput
 
 from pathvlm_lightning.backbone import sharding
 from pathvlm_lightning.backbone.export import export_pretrained
-from pathvlm_lightning.backbone.loading import Quantization, load_model_and_processor
+from pathvlm_lightning.backbone.loading import Quantization, Vocab, load_model_and_processor
+from pathvlm_lightning.backbone.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_target_logprobs,
+    final_hidden_states,
+    output_layer,
+)
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
-from pathvlm_lightning.backbone.prefix_group import final_hidden_states, grouped_hidden_states
+from pathvlm_lightning.backbone.prefix_group import grouped_hidden_states
 from pathvlm_lightning.backbone.shared_prompt import (
     SharingMode,
     cached_prompt_hidden_states,
@@ -34,7 +40,6 @@ from pathvlm_lightning.backbone.sequences import (
     mm_token_types,
     pad_after_eos,
     replace_tokens,
-    selective_log_softmax,
 )
 
 
@@ -43,6 +48,8 @@ class Backbone(torch.nn.Module):
 
     Args:
         model: ``embedded-tiny`` / ``embedded-small`` (offline random model), a folder or a hub id.
+        vocab: the embedded models' tokenizer: ``small`` (1,024 ids, fast on CPU) or ``qwen``
+            (Qwen2.5-VL's real tokenizer and 151,936-row vocabulary, built offline).
         seed: initialisation seed of the embedded models.
         dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
@@ -60,11 +67,14 @@ class Backbone(torch.nn.Module):
             with its images encoded once (flash-attention; see ``backbone/shared_prompt.py`` and
             :meth:`sharing_mode`). Results equal G separate copies up to float rounding; ``False``
             always runs G copies.
+        logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``
+            holds at once (``backbone/logprobs.py``); 1,024 x 151,936 ids is 594 MiB of float32.
     """
 
     def __init__(
         self,
         model: str = "embedded-tiny",
+        vocab: Vocab = "small",
         seed: int = 0,
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
@@ -75,11 +85,16 @@ class Backbone(torch.nn.Module):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         share_prompts: bool = True,
+        logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
+        if logprob_chunk_size < 1:
+            raise ValueError(f"logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
         self.share_prompts = share_prompts
+        self.logprob_chunk_size = logprob_chunk_size
         hf_model, self.processor = load_model_and_processor(
             model,
+            vocab=vocab,
             seed=seed,
             dtype=dtype,
             attn_implementation=attn_implementation,
@@ -208,12 +223,15 @@ class Backbone(torch.nn.Module):
         """float32 log p(completion token | prompt, earlier tokens) -> [B*G, L]; differentiable.
 
         Logits are divided by ``temperature`` (match the sampling temperature). Vocabulary logits
-        are computed only where a completion token is predicted (L positions per row), never over
-        the prompt. Vision ids in the completion are fed as pad so they are not read as image
-        slots; their log-probs are still those of the given ids. Positions after the first EOS are
-        masked from attention and their values are meaningless. Runs in whatever mode the module
-        is in (dropout included). With ``share_prompts`` each prompt runs once for its G
-        completions (gradients reaching it add up over them; :meth:`sharing_mode` says how).
+        are computed only where a completion token is predicted, never over the prompt, and only
+        ``logprob_chunk_size`` positions at a time (``backbone/logprobs.py``): the model returns final
+        hidden states and the output layer runs chunk by chunk, recomputed in backward. Vision ids in
+        the completion are fed as pad so they are not read as image slots; their log-probs are still
+        those of the given ids.
+        Positions after the first EOS are masked from attention and their values are meaningless.
+        Runs in whatever mode the module is in (dropout included). With ``share_prompts`` each
+        prompt runs once for its G completions (gradients reaching it add up over them;
+        :meth:`sharing_mode` says how).
         """
         inputs = self._on_device(prompt_inputs)  # [B, P]
         rows = inputs["input_ids"].shape[0] * num_generations
@@ -231,14 +249,25 @@ class Backbone(torch.nn.Module):
         elif mode == "cache":
             hidden = cached_prompt_hidden_states(self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, H]
         else:
-            hidden = self._copies_hidden_states(inputs, fed, mask, num_generations, mode == "images")  # [B*G, L, H]
-        return selective_log_softmax(self.hf_model.lm_head(hidden), completion_ids, temperature)
+            hidden = self._copies_hidden(inputs, fed, mask, num_generations, mode == "images")  # [B*G, L, H]
+        return self.logprobs_from_hidden(hidden, completion_ids, temperature)
 
     def sharing_mode(self, prompt_inputs: Mapping[str, torch.Tensor]) -> SharingMode:
         """How ``token_logprobs`` computes each of these prompts once for its G completions:
         ``grouped``, ``cache``, ``images`` or ``none`` (G copies); see ``backbone/shared_prompt.py``."""
         sharded = bool(sharding.fsdp_units(self.model))
         return sharing_mode(self.hf_model, prompt_inputs, share=self.share_prompts, sharded=sharded)
+
+    def logprobs_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """float32 log p(targets) [N, L] from final-normed hidden states [N, L, H] through the output layer.
+
+        ``logprob_chunk_size`` positions at a time, recomputed in backward; see
+        :func:`~pathvlm_lightning.backbone.logprobs.chunked_target_logprobs` for the contract.
+        """
+        head = output_layer(self.hf_model)
+        return chunked_target_logprobs(
+            hidden, head.weight, head.bias, targets, temperature=temperature, chunk_size=self.logprob_chunk_size
+        )
 
     # ------------------------------------------------------------------ reference model
     @contextmanager
@@ -281,7 +310,7 @@ class Backbone(torch.nn.Module):
         config = self.hf_model.config
         return mm_token_types(input_ids, config.image_token_id, config.video_token_id)
 
-    def _copies_hidden_states(
+    def _copies_hidden(
         self,
         inputs: dict[str, torch.Tensor],
         fed: torch.Tensor,
@@ -298,17 +327,19 @@ class Backbone(torch.nn.Module):
         expanded = self._expand(inputs, num_generations)
         input_ids = torch.cat([expanded["input_ids"], fed], dim=1)  # [B*G, P+L]
         attention_mask = torch.cat([expanded["attention_mask"], mask.to(expanded["attention_mask"].dtype)], dim=1)
-        hidden = final_hidden_states(
-            self.hf_model,
+        outputs = self.hf_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             mm_token_type_ids=self._token_types(input_ids),
             pixel_values=expanded.get("pixel_values"),
             image_grid_thw=expanded.get("image_grid_thw"),
             **({"mm_encoder_outputs": features} if features is not None else {}),
+            logits_to_keep=1,
+            output_hidden_states=True,
             use_cache=False,
-        )  # [B*G, P+L, H]
-        return hidden[:, -fed.shape[1] - 1 : -1]  # [B*G, L, H]: position P-1+j predicts completion token j
+        )
+        length = fed.shape[1]
+        return final_hidden_states(outputs)[:, -length - 1 : -1]  # [B*G, L, H]: position P-1+j predicts token j
 
     def _on_device(self, prompt_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prompt tensors on the model's device, with token types."""
