@@ -345,7 +345,11 @@ def prefix_case(processor: Any, prompts: slice = slice(None)) -> tuple[dict[str,
         [
             row
             for i in chosen
-            for row in ([11 + i, 12, 13, 14, 15, eos], [21 + i, eos, pad, pad, pad, pad], [31, image_pad, 33 + i, 34, 35, 36])
+            for row in (
+                [11 + i, 12, 13, 14, 15, eos],
+                [21 + i, eos, pad, pad, pad, pad],
+                [31, image_pad, 33 + i, 34, 35, 36],
+            )
         ]
     )  # [B*G, 6]
     return inputs, completions
@@ -381,7 +385,8 @@ def sharded_grouped_logprobs(out_dir: Path) -> None:
     dist.all_gather_object(gathered, {"logps": result["logps"], "mode": result["mode"]})
     if rank == 0:
         logps = torch.cat([g["logps"] for g in gathered])  # [4*G, L]: rank order is prompt order
-        torch.save({"logps": logps, "grads": result["grads"], "modes": [g["mode"] for g in gathered]}, out_dir / "prefix.pt")
+        modes = [g["mode"] for g in gathered]
+        torch.save({"logps": logps, "grads": result["grads"], "modes": modes}, out_dir / "prefix.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -193,17 +193,17 @@ def test_token_logprobs_temperature(tiny_backbone, prompts):
     assert not torch.allclose(hot, backbone.token_logprobs(prompts, completions, num_generations=1))
 
 
-@pytest.mark.parametrize("share_prompts", [True, False])
-def test_token_logprobs_only_compute_completion_logits(tiny_backbone, prompts, share_prompts):
+@pytest.mark.parametrize(("share_prompts", "expected"), [(True, [1, 1]), (False, [1])])
+def test_token_logprobs_only_compute_completion_logits(tiny_backbone, prompts, share_prompts, expected):
     backbone = tiny_backbone(share_prompts=share_prompts)
     positions = []
     backbone.hf_model.lm_head.register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
     completions = torch.full((2, 7), 5)
     backbone.token_logprobs(prompts, completions, num_generations=1)
-    # The model's lm_head runs over one position in its one forward (shared: the grouped sequence;
-    # copies: the G copies); log-probs come from hidden states, projected in chunks by
+    # The model's lm_head runs over one position per forward (shared: the prompt pass and the completion
+    # pass; copies: one pass); log-probs come from hidden states, projected in chunks by
     # backbone/logprobs.py. Never the prompt's 30-odd positions.
-    assert positions == [1]
+    assert positions == expected
 
 
 def test_token_logprobs_backpropagate(tiny_backbone, prompts):
@@ -334,6 +334,7 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny
     mixed = _mixed_image_prompts(tiny_processor)
     prompt_length = mixed["input_ids"].shape[1]
     # A trainable vision tower: its gradient must add up over the G rows that share the features.
+    # Activation checkpointing drops the prompt cache, so then the grouped sequence shares the prompt.
     kwargs = dict(freeze_vision=False, gradient_checkpointing=checkpointing)
     shared, copies = tiny_backbone(**kwargs), tiny_backbone(share_prompts=False, **kwargs)
     vision_calls = {"shared": _images_per_vision_call(shared), "copies": _images_per_vision_call(copies)}
@@ -352,10 +353,11 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny
         assert expected.abs().max() > 0
         torch.testing.assert_close(dict(shared.named_parameters())[name].grad, expected, atol=1e-5, rtol=1e-4)
     assert vision_calls == {"shared": [3], "copies": [9]}
-    # Shared: one sequence per prompt, the prompt then 3 blocks of the 4 fed completion tokens (also
-    # under checkpointing; see tests/test_prefix_group.py); copies: 6 rows of P + L.
-    grouped = (2, prompt_length + 3 * 4)
-    assert decoder_calls == {"shared": [grouped], "copies": [(6, prompt_length + 5)]}
+    # Shared: the 2 prompts once, then 6 rows of the 4 fed completion tokens against their cache, or
+    # (checkpointing) one sequence per prompt, the prompt then 3 blocks of the 4 fed completion tokens
+    # (see tests/test_prefix_group.py); copies: 6 rows of P + L.
+    shared_calls = [(2, prompt_length + 3 * 4)] if checkpointing else [(2, prompt_length), (6, 4)]
+    assert decoder_calls == {"shared": shared_calls, "copies": [(6, prompt_length + 5)]}
 
 
 # ---------------------------------------------------------------- export

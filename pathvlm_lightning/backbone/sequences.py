@@ -152,8 +152,14 @@ def grouped_attention_mask(prompt_mask: torch.Tensor, num_generations: int, fed_
 
     Two prompt tokens (the first is padding), two blocks of two; rows are queries:
 
-    >>> grouped_attention_mask(torch.tensor([[0, 1]]), num_generations=2, fed_length=2)[0, 0].int().tolist()
-    [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 1, 0, 0, 1, 1]]
+    >>> for row in grouped_attention_mask(torch.tensor([[0, 1]]), num_generations=2, fed_length=2)[0, 0].int():
+    ...     print(row.tolist())
+    [1, 0, 0, 0, 0, 0]
+    [0, 1, 0, 0, 0, 0]
+    [0, 1, 1, 0, 0, 0]
+    [0, 1, 1, 1, 0, 0]
+    [0, 1, 0, 0, 1, 0]
+    [0, 1, 0, 0, 1, 1]
     """
     batch, prompt_length = prompt_mask.shape
     device = prompt_mask.device

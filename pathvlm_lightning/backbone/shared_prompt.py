@@ -6,14 +6,20 @@ and the prompt is most of each sequence (an image alone is 256 tokens at 448x448
 gives what the G copies give, up to float rounding (gradients reaching the prompt's computation
 arrive once, summed over its G completions, which is the sum the copies would produce):
 
-- ``grouped`` (``backbone/prefix_group.py``): one sequence per prompt, ``[prompt, c_1, ..., c_G]``,
-  with a block attention mask, in one ordinary forward. Needs an attention backend that takes a
-  4-D mask (``sdpa``, ``eager``); works sharded (FSDP2) and under activation checkpointing.
 - ``cache`` (:func:`cached_prompt_hidden_states`): the prompt goes through the model once, its
   key/value cache is repeated G times, and the completions run against it in a second forward.
   Works with any attention backend (flash-attention included), but only in one process (two root
-  forwards per backward are not what FSDP2's hooks expect) and without activation checkpointing
-  (which drops caches in a training forward).
+  forwards per backward are not what FSDP2's hooks expect), without activation checkpointing
+  (which drops caches in a training forward) and for image prompts (it continues positions by the
+  prompt's rope delta).
+- ``grouped`` (``backbone/prefix_group.py``): one sequence per prompt, ``[prompt, c_1, ..., c_G]``,
+  with a block attention mask, in one ordinary forward. Needs an attention backend that takes a
+  4-D mask (``sdpa``, ``eager``); works sharded (FSDP2), under activation checkpointing and for
+  text-only prompts. Its attention runs over the whole [S, S] grouped sequence (S = P + G x (L-1)),
+  most of it masked, where ``cache`` attends over [L-1, P+L-1] per completion: on the embedded
+  small model (``benchmarks/prefix_vs_copies.py``) the two take the same time at 64 completion
+  tokens (grouped with 12-15 % less memory) and grouped takes 1.2-1.5x the time of ``cache`` at
+  256, so ``cache`` is chosen wherever it can run.
 - ``images`` (:func:`expanded_image_features`): only the images are encoded once, their features
   handed to the G copies (``mm_encoder_outputs``); the prompt tokens still run G times. For
   flash-attention under activation checkpointing.
@@ -42,22 +48,23 @@ def sharing_mode(
 ) -> SharingMode:
     """How ``token_logprobs`` computes a prompt once for its G completions (see the module docstring).
 
-    ``grouped`` whenever the attention backend takes a block mask. Otherwise (flash-attention):
-    ``none`` for text-only prompts (the cache path continues positions by the rope delta of an image
-    prompt), FSDP2-sharded models, and transformers without the 5.x arguments; ``images`` while
-    activation checkpointing would drop the cache; else ``cache``. ``share=False``: always ``none``.
+    ``cache`` for image prompts in one process unless activation checkpointing would drop the cache
+    (a training forward with gradients); else ``grouped`` when the attention backend takes a block
+    mask (``sdpa``, ``eager``: under FSDP2, with checkpointing, for text-only prompts); else
+    (flash-attention) ``images`` under checkpointing in one process and ``none`` otherwise.
+    ``share=False`` or transformers without the 5.x arguments: ``none``.
     """
-    if not share:
-        return "none"
-    if can_group(model):
-        return "grouped"
     accepted = inspect.signature(model.forward).parameters
-    if inputs.get("pixel_values") is None or sharded or not {"cache", "mm_encoder_outputs"} <= set(accepted):
+    if not share or not {"cache", "mm_encoder_outputs"} <= set(accepted):
         return "none"
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    if checkpointing and model.training and torch.is_grad_enabled():
-        return "images"
-    return "cache"
+    drops_cache = checkpointing and model.training and torch.is_grad_enabled()
+    single_image_batch = inputs.get("pixel_values") is not None and not sharded
+    if single_image_batch and not drops_cache:
+        return "cache"
+    if can_group(model):
+        return "grouped"
+    return "images" if single_image_batch else "none"
 
 
 def cached_prompt_hidden_states(

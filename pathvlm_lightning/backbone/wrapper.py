@@ -61,11 +61,12 @@ class Backbone(torch.nn.Module):
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
         share_prompts: the G completions of a prompt share its tokens and images, so ``generate``
             encodes each image once (transformers 5.x) and ``token_logprobs`` runs each prompt once
-            for its G completions: as one sequence ``[prompt, c_1, ..., c_G]`` with a block
-            attention mask (``sdpa``/``eager``; also under FSDP2 and activation checkpointing,
-            ``backbone/prefix_group.py``), else against the prompt's repeated key/value cache or
-            with its images encoded once (flash-attention; see ``backbone/shared_prompt.py`` and
-            :meth:`sharing_mode`). Results equal G separate copies up to float rounding; ``False``
+            for its G completions: in one process against the prompt's repeated key/value cache;
+            under FSDP2, activation checkpointing or for text-only prompts as one sequence
+            ``[prompt, c_1, ..., c_G]`` with a block attention mask (``sdpa``/``eager``,
+            ``backbone/prefix_group.py``; flash-attention takes no such mask and falls back to
+            encoding the images once, or to copies). See ``backbone/shared_prompt.py`` and
+            :meth:`sharing_mode`. Results equal G separate copies up to float rounding; ``False``
             always runs G copies.
         logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``
             holds at once (``backbone/logprobs.py``); 1,024 x 151,936 ids is 594 MiB of float32.
