@@ -15,6 +15,11 @@ G * (P + L)^2 on the pairs, most of them masked; the projections and MLPs, which
 model, see P + G * (L - 1) tokens instead of G * (P + L). transformers hands a 4-D mask to the
 attention kernel as it is: ``sdpa`` takes it as a boolean mask, ``eager`` as an additive one.
 Flash-attention kernels take only a 2-D padding mask, so there :func:`can_group` says no.
+Measured on the embedded small model, 2 prompts with a 448x448 image (P = 277), forward+backward
+under activation checkpointing (``benchmarks/prefix_vs_copies.py --gradient-checkpointing``):
+0.25-0.62x the time and memory growth of G copies, and 0.42-0.75x the time of sharing the images
+only, except at G = 8, L = 256 (S = 2,317), where the dense attention makes it 1.1x that time
+(still 0.64x its memory).
 """
 
 from __future__ import annotations
