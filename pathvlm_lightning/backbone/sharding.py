@@ -19,7 +19,6 @@ from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 
@@ -78,28 +77,6 @@ def gathered_for_generation(model: torch.nn.Module) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(id(unit) in nested, recurse=False)
-
-
-@contextmanager
-def root_gathered(model: PreTrainedModel) -> Iterator[None]:
-    """Inside the block the FSDP2 root's own parameters (embeddings, output layer, norms) are whole.
-
-    A no-op when ``model`` is not a sharded root or its root kept them gathered after the forward
-    (the policy's does, until its backward); a root that reshards after forward (the frozen
-    reference) is gathered for the block and resharded on exit. Only without gradients: a backward
-    after the block would read parameters that are sharded again.
-    """
-    head = model.get_output_embeddings().weight  # one of the root's own parameters
-    if not isinstance(model, FSDPModule) or not isinstance(head, DTensor):
-        yield
-        return
-    if torch.is_grad_enabled() and head.requires_grad:
-        raise RuntimeError("the FSDP2 root resharded after its forward, but its parameters need gradients")
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

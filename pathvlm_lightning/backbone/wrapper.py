@@ -265,11 +265,10 @@ class Backbone(torch.nn.Module):
         ``logprob_chunk_size`` positions at a time, recomputed in backward; see
         :func:`~pathvlm_lightning.backbone.logprobs.chunked_target_logprobs` for the contract.
         """
-        with sharding.root_gathered(self.hf_model):  # a sharded reference resharded its root after the forward
-            head = output_layer(self.hf_model)
-            return chunked_target_logprobs(
-                hidden, head.weight, head.bias, targets, temperature=temperature, chunk_size=self.logprob_chunk_size
-            )
+        head = output_layer(self.hf_model)
+        return chunked_target_logprobs(
+            hidden, head.weight, head.bias, targets, temperature=temperature, chunk_size=self.logprob_chunk_size
+        )
 
     # ------------------------------------------------------------------ reference model
     @contextmanager
