@@ -51,7 +51,11 @@ def main() -> None:
     settings, report_fd = child_start("our GRPO step (benchmark child)")
     gate = StepGate(report_fd, settings.total_steps)
     backbone = Backbone(
-        model=settings.model_dir, dtype="float32", freeze_vision=True, share_prompts=settings.share_prompts
+        model=settings.model_dir,
+        dtype="float32",
+        freeze_vision=True,
+        share_prompts=settings.share_prompts,
+        gradient_checkpointing=settings.gradient_checkpointing,
     )
     module = GRPOModule(
         backbone,

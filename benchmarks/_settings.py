@@ -38,6 +38,8 @@ class BenchSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     share_prompts: bool = True  # our Backbone's default; False runs G copies of each prompt, as TRL does
+    vocab: str = "small"  # the embedded tokenizer: "small" (1,024 ids) or "qwen" (151,936 rows)
+    gradient_checkpointing: bool = False  # activation checkpointing on both sides (non-reentrant)
 
     @property
     def completions_per_step(self) -> int:

@@ -2,7 +2,8 @@
 
 Started by ``grpo_vs_trl.py``; not meant to be run by hand (needs the ``bench`` extra: ``trl``).
 Settings that TRL defaults differently from ours are set explicitly so both sides do the same work:
-fp32 (TRL turns bf16 on), no activation checkpointing (TRL turns it on), a constant learning rate,
+fp32 (TRL turns bf16 on), activation checkpointing only when the run asks for it (TRL turns it on;
+non-reentrant, as ours), a constant learning rate,
 no dataset shuffling, and a frozen vision tower (ours freezes it; TRL would train it).
 """
 
@@ -71,7 +72,8 @@ def _config(settings: BenchSettings, output_dir: Path) -> GRPOConfig:
         use_cpu=True,
         bf16=False,
         fp16=False,
-        activation_checkpointing=False,
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
         per_device_train_batch_size=settings.completions_per_step,  # counts completions: B * G
         num_generations=settings.num_generations,
         max_completion_length=settings.completion_length,

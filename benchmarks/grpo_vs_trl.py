@@ -2,6 +2,8 @@
 
     pip install -e ".[bench]"          # TRL; best in a separate venv (see benchmarks/README.md)
     python benchmarks/grpo_vs_trl.py --model both --steps 5 --warmup 2 --threads 2 --output grpo_vs_trl.json
+    python benchmarks/grpo_vs_trl.py --model tiny --vocab qwen --num-generations 8 --completion-length 256 \
+        --gradient-checkpointing --steps 3 --warmup 1
 
 Both sides start from one saved Qwen2.5-VL folder (embedded tiny or small architecture, fp32), train on
 the same records (448x448 images: 256 image tokens each) in the same order, with G completions per
@@ -9,7 +11,10 @@ prompt forced to the same length, the same loss type, beta, clip range, learning
 rewards. Each side runs in its own child process (so its peak RSS is its own); the parent lets them
 step in lockstep, one side at a time, alternating which goes first. Printed per model: median wall
 and CPU seconds per optimizer step, completions per second, peak RSS during the steps, and ours/TRL
-ratios (of the medians, and the median ratio of the back-to-back step pairs).
+ratios (of the medians, and the median ratio of the back-to-back step pairs), and the compute floor:
+the ratio of tokens through the decoder body when ours runs each prompt once per group and TRL G
+times, ``(P + G*C) / (G*(P + C))`` for a P-token prompt and C-token completions (1 with
+``--prompt-copies``). ``--vocab qwen`` gives both sides Qwen's real 151,936-row vocabulary.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import IO, Any
 from PIL import Image
 
 from _settings import BenchSettings, read_records, write_records
-from pathvlm_lightning.backbone import build_tiny_model, build_tiny_processor
+from pathvlm_lightning.backbone.loading import VOCABS, load_model_and_processor
 from pathvlm_lightning.data.synthetic import generate_dataset
 
 HERE = Path(__file__).resolve().parent
@@ -41,10 +46,12 @@ SIZES = ("tiny", "small")
 
 
 # ---------------------------------------------------------------------------- preparation
-def save_model(size: str, folder: Path, seed: int) -> Path:
+def save_model(size: str, folder: Path, seed: int, vocab: str = "small") -> Path:
     """The embedded architecture with seeded random weights, saved once so both sides load the same bytes."""
-    processor = build_tiny_processor()
-    model = build_tiny_model(processor, size, seed=seed)
+    model, processor = load_model_and_processor(
+        f"embedded-{size}", vocab=vocab, seed=seed, dtype="float32", attn_implementation="sdpa",
+        quantization=None, min_pixels=None, max_pixels=None,
+    )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -167,7 +174,22 @@ def summarize(raw: dict[str, dict[str, Any]], settings: BenchSettings, warmup: i
     pairs = [o / t for o, t in zip(raw["ours"]["seconds"][warmup:], raw["trl"]["seconds"][warmup:])]
     ratios["paired_seconds_median"] = statistics.median(pairs)
     ratios["paired_seconds_range"] = [min(pairs), max(pairs)]
+    ratios["compute_floor"] = compute_floor(ours.get("prompt_tokens"), settings)
     return {"sides": sides, "ratios_ours_over_trl": ratios}
+
+
+def compute_floor(prompt_tokens: int | None, settings: BenchSettings) -> float | None:
+    """Decoder-body tokens ours/TRL: one prompt pass per group ``(P + G*C)`` against G copies ``G*(P + C)``.
+
+    >>> round(compute_floor(367, BenchSettings("m", "r", 1, 1, num_generations=8, completion_length=256)), 3)
+    0.485
+    """
+    if prompt_tokens is None:
+        return None
+    if not settings.share_prompts:
+        return 1.0
+    p, g, c = prompt_tokens, settings.num_generations, settings.completion_length
+    return (p + g * c) / (g * (p + c))
 
 
 def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup: int, steps: int) -> str:
@@ -180,7 +202,9 @@ def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup:
         ("peak growth in steps, MiB", "peak_growth_mib", "{:.0f}"),
     ]
     head = (f"model {model} ({ours['parameters'] / 1e6:.2f} M params, {ours['trainable_parameters'] / 1e6:.2f} M "
-            f"trained), fp32, G={settings.num_generations}, {settings.prompts_per_step} prompts x "
+            f"trained), fp32, {settings.vocab} vocabulary, "
+            f"{'activation checkpointing, ' if settings.gradient_checkpointing else ''}"
+            f"G={settings.num_generations}, {settings.prompts_per_step} prompts x "
             f"{settings.num_generations} completions, {settings.completion_length} completion tokens "
             f"(mean seen: ours {ours['completion_length_mean']:.0f}, TRL {trl['completion_length_mean']:.0f}), "
             f"prompt {ours.get('prompt_tokens', '?')} tokens, beta {settings.beta}, loss {settings.loss_type}, "
@@ -192,6 +216,9 @@ def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup:
         lines.append(f"{label:28}{fmt.format(ours[key]):>10}{fmt.format(trl[key]):>10}{ratio[key]:>10.2f}")
     low, high = ratio["paired_seconds_range"]
     lines.append(f"step pairs, wall ours/TRL: median {ratio['paired_seconds_median']:.2f} (range {low:.2f}-{high:.2f})")
+    floor = ratio["compute_floor"]
+    if floor is not None:
+        lines.append(f"compute floor (decoder tokens ours/TRL, (P + G*C) / (G*(P + C))): {floor:.2f}")
     return "\n".join(lines)
 
 
@@ -211,13 +238,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     parser.add_argument("--image-size", type=int, default=448, help="square image side (448: 256 image tokens)")
     parser.add_argument("--completion-length", type=int, default=64, help="forced completion tokens")
+    parser.add_argument("--num-generations", type=int, default=4, help="G, completions per prompt")
+    parser.add_argument("--vocab", choices=VOCABS, default="small",
+                        help="embedded tokenizer: small (1,024 ids) or qwen (Qwen2.5-VL's 151,936 rows)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="activation checkpointing (non-reentrant) on both sides")
     parser.add_argument("--prompt-copies", action="store_true",
                         help="our side runs G copies of each prompt (Backbone(share_prompts=False)), as TRL does")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.num_generations < 2:
         parser.error(
-            f"need --steps >= 1, --warmup >= 0, --threads >= 1; got {args.steps}, {args.warmup}, {args.threads}"
+            f"need --steps >= 1, --warmup >= 0, --threads >= 1, --num-generations >= 2; got {args.steps}, "
+            f"{args.warmup}, {args.threads}, {args.num_generations}"
         )
     if importlib.util.find_spec("trl") is None:
         raise SystemExit(f"{sys.executable} cannot import trl: install the bench extra (pip install -e '.[bench]')")
@@ -232,10 +265,13 @@ def main(argv: list[str] | None = None) -> None:
                 records_path=str(workdir / "data" / "records.jsonl"),
                 total_steps=args.warmup + args.steps,
                 threads=args.threads,
+                num_generations=args.num_generations,
                 completion_length=args.completion_length,
                 share_prompts=not args.prompt_copies,
+                vocab=args.vocab,
+                gradient_checkpointing=args.gradient_checkpointing,
             )
-            save_model(size, Path(settings.model_dir), settings.seed)
+            save_model(size, Path(settings.model_dir), settings.seed, args.vocab)
             # New prompts every step and no epoch boundary inside the run.
             count = settings.prompts_per_step * settings.total_steps
             make_records(workdir / "data", count, args.image_size, settings.seed)

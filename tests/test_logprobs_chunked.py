@@ -230,3 +230,18 @@ def test_small_vocab_is_still_the_default(tiny_processor):
     assert len(Backbone().processor.tokenizer) == len(tiny_processor.tokenizer) == 1024
     fresh = build_tiny_processor().tokenizer
     assert fresh("Hello world").input_ids == tiny_processor.tokenizer("Hello world").input_ids
+
+
+# ---------------------------------------------------------------- architecture-only folders
+def test_config_only_folder_builds_random_weights_from_seed(tiny_processor, tmp_path):
+    model = build_tiny_model(tiny_processor, seed=0)
+    model.config.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
+    a, b, c = (Backbone(model=str(tmp_path), seed=s) for s in (5, 5, 6))
+    assert not list(tmp_path.glob("*.safetensors"))
+    weight = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a.hf_model.state_dict()[weight], b.hf_model.state_dict()[weight])
+    assert not torch.equal(a.hf_model.state_dict()[weight], c.hf_model.state_dict()[weight])
+    assert a.hf_model.config.text_config.hidden_size == 128 and a.eos_token_ids == (tiny_processor.tokenizer.eos_token_id,)
+    with pytest.raises(ValueError, match="no weights"):
+        Backbone(model=str(tmp_path), quantization="4bit", lora=None)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import BitsAndBytesConfig, ProcessorMixin, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    ProcessorMixin,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.image_utils import SizeDict
 
 from pathvlm_lightning.backbone.tiny import (
@@ -71,6 +78,8 @@ def load_model_and_processor(
 
     ``vocab`` picks the embedded models' tokenizer: ``small`` (1,024 ids, trained here) or ``qwen``
     (Qwen2.5-VL's real 151,936-row vocabulary, see ``backbone/vocab.py``); a checkpoint brings its own.
+    A folder holding a ``config.json`` and a processor but no weights is an architecture only: random
+    weights from ``seed`` at its shape (a 7B-shaped model with no download, for benchmarks).
     """
     if vocab not in VOCABS:
         raise ValueError(f"vocab {vocab!r} is not one of {list(VOCABS)}")
@@ -97,12 +106,33 @@ def load_model_and_processor(
         else:
             hf_model = hf_model.to(torch_dtype)
             hf_model.set_attn_implementation(attn_implementation)
+    elif _architecture_only(model):
+        if quant is not None:
+            raise ValueError(f"{model!r} holds a config but no weights: random weights cannot be quantised")
+        processor = load_processor(model)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            hf_model = Qwen2_5_VLForConditionalGeneration._from_config(
+                AutoConfig.from_pretrained(model), dtype=torch_dtype, attn_implementation=attn_implementation
+            )
+        if (Path(model) / "generation_config.json").is_file():
+            hf_model.generation_config = GenerationConfig.from_pretrained(model)
     else:
         processor = load_processor(model)
         hf_model = _from_pretrained(model, torch_dtype, attn_implementation, quant)
     if min_pixels is not None or max_pixels is not None:
         set_pixel_bounds(processor, min_pixels, max_pixels)
     return hf_model, processor
+
+
+def _architecture_only(model: str) -> bool:
+    """A local folder with ``config.json`` and no weight files (safetensors, bin, adapter)."""
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        return False
+    weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), folder / "adapter_config.json"]
+    return not any(path.exists() for path in weights)
 
 
 def _from_pretrained(

@@ -16,12 +16,14 @@ the model's logits, tied and untied output layers).
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import ModelOutput
 
-# 1,024 pairs x 151,936 ids x 4 bytes = 594 MiB per chunk buffer: 1/8 of the float32 logits of
-# 8 x 1,024 completion tokens, and on a GPU still a large enough matmul (1,024 x hidden x V) to run
-# at full speed.
-DEFAULT_CHUNK_SIZE = 1024
+# 512 pairs x 151,936 ids x 4 bytes = 297 MiB per chunk buffer, 1/16 of the float32 logits of
+# 8 x 1,024 completion tokens. Per chunk a 7B model's projection is 512 x 3,584 x 151,936 multiply-adds
+# (0.56 TFLOP, about a millisecond on an H200): already large enough to run at full speed, so larger
+# chunks would buy memory use and nothing else.
+DEFAULT_CHUNK_SIZE = 512
 
 
 def final_hidden_states(outputs: ModelOutput) -> torch.Tensor:
@@ -31,15 +33,32 @@ def final_hidden_states(outputs: ModelOutput) -> torch.Tensor:
     return outputs.hidden_states[-1]
 
 
-def output_layer(model: torch.nn.Module) -> torch.nn.Linear:
-    """The model's output projection, which must be a plain ``nn.Linear`` with floating-point weights."""
+def output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the model's output projection, usable outside its forward.
+
+    The layer must be a plain floating-point ``nn.Linear``. Under FSDP2 a root that keeps its
+    parameters gathered after forward (``apply_fully_shard``'s policy root) exposes them as plain
+    tensors and their gradients reach FSDP's reduce-scatter as usual. A root that resharded (the
+    frozen reference's) exposes DTensor shards: without gradients they are all-gathered here; with
+    gradients that would bypass FSDP's reduction, so it is an error.
+    """
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or not head.weight.is_floating_point():
         raise TypeError(
             f"chunked log-probs need a plain floating-point nn.Linear output layer; got {type(head).__name__} "
             f"with {head.weight.dtype} weights (adapters or quantisation on lm_head are not supported)"
         )
-    return head
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, DTensor):
+        if torch.is_grad_enabled() and weight.requires_grad:
+            raise RuntimeError(
+                "the output layer's weight is an FSDP2 shard after the forward (its root resharded), so "
+                "log-prob gradients cannot reach FSDP's reduction; keep the root gathered after forward "
+                "(fully_shard(..., reshard_after_forward=False) on the root, as apply_fully_shard does)"
+            )
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    return weight, bias
 
 
 def chunked_target_logprobs(

@@ -69,7 +69,7 @@ class Backbone(torch.nn.Module):
             :meth:`sharing_mode`. Results equal G separate copies up to float rounding; ``False``
             always runs G copies.
         logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``
-            holds at once (``backbone/logprobs.py``); 1,024 x 151,936 ids is 594 MiB of float32.
+            holds at once (``backbone/logprobs.py``); 512 x 151,936 ids is 297 MiB of float32.
     """
 
     def __init__(
@@ -265,9 +265,9 @@ class Backbone(torch.nn.Module):
         ``logprob_chunk_size`` positions at a time, recomputed in backward; see
         :func:`~pathvlm_lightning.backbone.logprobs.chunked_target_logprobs` for the contract.
         """
-        head = output_layer(self.hf_model)
+        weight, bias = output_layer(self.hf_model)
         return chunked_target_logprobs(
-            hidden, head.weight, head.bias, targets, temperature=temperature, chunk_size=self.logprob_chunk_size
+            hidden, weight, bias, targets, temperature=temperature, chunk_size=self.logprob_chunk_size
         )
 
     # ------------------------------------------------------------------ reference model
