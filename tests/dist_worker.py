@@ -5,6 +5,7 @@ Launched the way a user launches a job with torchrun::
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR DATA_DIR
     torchrun --standalone --nproc_per_node NUM_GPUS tests/dist_worker.py OUT_DIR DATA_DIR gpu
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR DATA_DIR families
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR DATA_DIR prefix
 
 On CPU every rank runs each scenario of :data:`SCENARIOS` (a short Lightning fit on the embedded
 tiny Qwen2.5-VL over gloo) and writes ``OUT_DIR/<scenario>.rank<r>.json``; rank 0 also writes the
@@ -14,6 +15,8 @@ the process start-up cost (~15 s of imports on 2 cores) paid once. With ``gpu`` 
 :data:`GPU_SCENARIOS` instead, whose trainer settings come from the shipped GPU strategy configs;
 with ``families``, :data:`FAMILY_SCENARIOS` (the FSDP2 GRPO step on each family's embedded twin,
 for ``tests/test_families.py``).
+With ``prefix`` it runs only :func:`grouped_logprobs_and_grads` on an FSDP2-sharded backbone
+(``tests/test_prefix_group.py``) and rank 0 writes ``OUT_DIR/prefix.pt``.
 """
 
 from __future__ import annotations
@@ -326,7 +329,80 @@ def count_generation_gathers(new_tokens: tuple[int, ...] = (2, 8)) -> dict[str, 
     return {"gathers": gathers, "units": len(fsdp_units(backbone.model)), "resharded": resharded}
 
 
+# ---------------------------------------------------------------- prefix-grouped log-probs under FSDP2
+PREFIX_GENERATIONS = 3
+PREFIX_QUESTIONS = ("Which stain dominates the tile?", "Size?", "How dense are the nuclei in this tile?", "Grade?")
+
+
+def prefix_case(processor: Any, prompts: slice = slice(None)) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Left-padded image prompts (from :data:`PREFIX_QUESTIONS`, selected by ``prompts``) and their
+    G ragged completions [B*G, 6]: EOS at different places, padding after it, an image id inside."""
+    eos, pad, image_pad = 1000, 998, 1010  # the embedded vocabulary's <|im_end|>, <|endoftext|>, <|image_pad|>
+    chosen = range(len(PREFIX_QUESTIONS))[prompts]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PREFIX_QUESTIONS[i]}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in chosen
+    ]
+    images = [Image.new("RGB", (56 * (1 + i % 2),) * 2, (40 * i, 200 - 30 * i, 120)) for i in chosen]
+    inputs = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    completions = torch.tensor(
+        [
+            row
+            for i in chosen
+            for row in (
+                [11 + i, 12, 13, 14, 15, eos],
+                [21 + i, eos, pad, pad, pad, pad],
+                [31, image_pad, 33 + i, 34, 35, 36],
+            )
+        ]
+    )  # [B*G, 6]
+    return inputs, completions
+
+
+def grouped_logprobs_and_grads(
+    backbone: Backbone, inputs: dict[str, torch.Tensor], completions: torch.Tensor, scale: float
+) -> dict[str, Any]:
+    """``token_logprobs`` of ``completions`` [B*G, L] and the full gradients of ``scale`` x their sum
+    over real tokens (a collective under FSDP2: every rank gathers every gradient)."""
+    mask, _ = backbone.completion_mask(completions)  # [B*G, L]
+    logps = backbone.token_logprobs(inputs, completions, num_generations=PREFIX_GENERATIONS)  # [B*G, L]
+    (scale * logps[mask == 1].sum()).backward()
+    grads = {}
+    for name, parameter in backbone.model.named_parameters():
+        if parameter.grad is not None:
+            grad = parameter.grad
+            grads[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).detach().clone()
+    return {"logps": logps.detach().masked_fill(mask == 0, 0.0), "grads": grads, "mode": backbone.sharing_mode(inputs)}
+
+
+def sharded_grouped_logprobs(out_dir: Path) -> None:
+    """Each of the 2 ranks scores 2 of the 4 prompts of :func:`prefix_case` (padded to its own batch)
+    on an FSDP2-sharded backbone with activation checkpointing; rank 0 writes ``prefix.pt``."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    backbone = Backbone(freeze_vision=False, gradient_checkpointing=True)
+    backbone.apply_fully_shard(init_device_mesh("cpu", (world,)))
+    share = len(PREFIX_QUESTIONS) // world
+    inputs, completions = prefix_case(backbone.processor, slice(rank * share, (rank + 1) * share))
+    result = grouped_logprobs_and_grads(backbone, inputs, completions, scale=1.0)  # FSDP2 averages over ranks
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, {"logps": result["logps"], "mode": result["mode"]})
+    if rank == 0:
+        logps = torch.cat([g["logps"] for g in gathered])  # [4*G, L]: rank order is prompt order
+        modes = [g["mode"] for g in gathered]
+        torch.save({"logps": logps, "grads": result["grads"], "modes": modes}, out_dir / "prefix.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(out_dir: Path, data_dir: Path, device: str = "cpu") -> None:
+    if device == "prefix":
+        sharded_grouped_logprobs(out_dir)
+        return
     scenarios = {"gpu": GPU_SCENARIOS, "families": FAMILY_SCENARIOS}.get(device, SCENARIOS)
     for name, scenario in scenarios.items():
         record = run_scenario(name, scenario, data_dir, out_dir)

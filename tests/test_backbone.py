@@ -334,7 +334,7 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny
     mixed = _mixed_image_prompts(tiny_processor)
     prompt_length = mixed["input_ids"].shape[1]
     # A trainable vision tower: its gradient must add up over the G rows that share the features.
-    # Activation checkpointing drops the prompt cache, so then only the images are shared.
+    # Activation checkpointing drops the prompt cache, so then the grouped sequence shares the prompt.
     kwargs = dict(freeze_vision=False, gradient_checkpointing=checkpointing)
     shared, copies = tiny_backbone(**kwargs), tiny_backbone(share_prompts=False, **kwargs)
     vision_calls = {"shared": _images_per_vision_call(shared), "copies": _images_per_vision_call(copies)}
@@ -353,10 +353,11 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(tiny_backbone, tiny
         assert expected.abs().max() > 0
         torch.testing.assert_close(dict(shared.named_parameters())[name].grad, expected, atol=1e-5, rtol=1e-4)
     assert vision_calls == {"shared": [3], "copies": [9]}
-    # Shared: the 2 prompts once, then 6 rows of the 4 fed completion tokens; copies: 6 rows of P + L.
-    copies_shape = (6, prompt_length + 5)
-    prompt_once = [(2, prompt_length), (6, 4)] if not checkpointing else [copies_shape]
-    assert decoder_calls == {"shared": prompt_once, "copies": [copies_shape]}
+    # Shared: the 2 prompts once, then 6 rows of the 4 fed completion tokens against their cache, or
+    # (checkpointing) one sequence per prompt, the prompt then 3 blocks of the 4 fed completion tokens
+    # (see tests/test_prefix_group.py); copies: 6 rows of P + L.
+    shared_calls = [(2, prompt_length + 3 * 4)] if checkpointing else [(2, prompt_length), (6, 4)]
+    assert decoder_calls == {"shared": shared_calls, "copies": [(6, prompt_length + 5)]}
 
 
 # ---------------------------------------------------------------- export

@@ -150,7 +150,9 @@ def test_grpo_fit_trains_the_language_model_and_keeps_the_vision_tower(model, tm
 def test_shared_prompts_give_the_same_logprobs_and_gradients(model, checkpointing):
     # checkpointing=False: the prompt runs once and its cache (keys/values; Qwen3.5 also its
     # convolution and recurrent states) is repeated G times. True: the cache is dropped in training,
-    # so only the images are encoded once (Qwen3-VL: DeepStack features included).
+    # so each prompt and its G completions run as one grouped sequence under a block mask; Qwen3.5,
+    # whose linear-attention layers no mask can split, only encodes the images once (Qwen3-VL:
+    # DeepStack features included either way).
     kwargs = dict(model=model, freeze_vision=False, gradient_checkpointing=checkpointing)
     shared, copies = Backbone(**kwargs), Backbone(share_prompts=False, **kwargs)  # same seed: same weights
     prompts = _prompts(shared.processor)
@@ -175,8 +177,18 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(model, checkpointin
     torch.testing.assert_close(logps["shared"][mask == 1], logps["copies"][mask == 1], atol=1e-5, rtol=1e-5)
     assert calls == {"shared": [3], "copies": [9]}  # 3 images encoded once instead of G times
     length = prompts["input_ids"].shape[1]
-    copies_shape = (6, length + 5)  # G copies of prompt + completion; shared: the 2 prompts, then 4 fed tokens
-    assert rows == {"shared": [copies_shape] if checkpointing else [(2, length), (6, 4)], "copies": [copies_shape]}
+    copies_shape = (6, length + 5)  # G copies of prompt + completion
+    mode = shared.sharing_mode(prompts)
+    expected_rows = {
+        "cache": [(2, length), (6, 4)],  # the 2 prompts, then 4 fed tokens per completion
+        "grouped": [(2, length + 3 * 4)],  # each prompt once with its 3 completions' 4 fed tokens
+        "images": [copies_shape],
+    }
+    if not checkpointing:
+        assert mode == "cache"
+    else:
+        assert mode == ("grouped" if shared.family.groups_prompts else "images")
+    assert rows == {"shared": expected_rows[mode], "copies": [copies_shape]}
     expected = dict(copies.named_parameters())
     compared = 0
     for name, parameter in shared.named_parameters():

@@ -139,7 +139,7 @@ def _full_logits_logprobs(backbone, prompts, completions, g, temperature):
 
 @pytest.mark.parametrize(
     ("share_prompts", "checkpointing"), [(True, False), (True, True), (False, False)]
-)  # modes "prompt", "images", "none"
+)  # modes "cache", "grouped", "none"
 def test_token_logprobs_equal_full_logits_path(tiny_processor, share_prompts, checkpointing):
     backbone = Backbone(
         model="embedded-tiny", freeze_vision=False, share_prompts=share_prompts,

@@ -140,3 +140,70 @@ def pad_after_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int], pa
     """
     mask, _ = completion_mask(completion_ids, eos_token_ids)
     return completion_ids.masked_fill(mask == 0, pad_token_id)
+
+
+def grouped_attention_mask(prompt_mask: torch.Tensor, num_generations: int, fed_length: int) -> torch.Tensor:
+    """Which keys each query sees in the grouped sequences ``[prompt, c_1, ..., c_G]`` -> bool [B, 1, S, S].
+
+    ``prompt_mask`` [B, P] marks real (1) and left-padding (0) prompt tokens; each completion block
+    holds ``fed_length`` tokens, so S = P + G * fed_length. A query sees the real prompt tokens up
+    to itself and the earlier tokens of its own block, never another completion's; every position
+    also sees itself, so no row is empty (padding queries would otherwise give NaN in sdpa).
+
+    Two prompt tokens (the first is padding), two blocks of two; rows are queries:
+
+    >>> for row in grouped_attention_mask(torch.tensor([[0, 1]]), num_generations=2, fed_length=2)[0, 0].int():
+    ...     print(row.tolist())
+    [1, 0, 0, 0, 0, 0]
+    [0, 1, 0, 0, 0, 0]
+    [0, 1, 1, 0, 0, 0]
+    [0, 1, 1, 1, 0, 0]
+    [0, 1, 0, 0, 1, 0]
+    [0, 1, 0, 0, 1, 1]
+    """
+    batch, prompt_length = prompt_mask.shape
+    device = prompt_mask.device
+    block = torch.arange(num_generations + 1, device=device).repeat_interleave(
+        torch.tensor([prompt_length] + [fed_length] * num_generations, device=device)
+    )  # [S]: 0 for the prompt, k for completion block k
+    length = block.shape[0]
+    position = torch.arange(length, device=device)
+    causal = position.unsqueeze(1) >= position.unsqueeze(0)  # [S, S]: query row, key column
+    visible_block = (block.unsqueeze(0) == 0) | (block.unsqueeze(0) == block.unsqueeze(1))  # [S, S]
+    real_key = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(batch, length - prompt_length).bool()], dim=1)
+    allowed = (causal & visible_block).unsqueeze(0) & real_key.unsqueeze(1)  # [B, S, S]
+    allowed |= torch.eye(length, dtype=torch.bool, device=device)
+    return allowed.unsqueeze(1)
+
+
+def grouped_positions(prompt_positions: torch.Tensor, num_generations: int, fed_length: int) -> torch.Tensor:
+    """Rotary positions [3, B, S] of the grouped sequences, from the prompt's own [3, B, P].
+
+    Every completion continues where its prompt ends: token ``j`` of each block sits at the
+    prompt's largest position + 1 + j, on all three (time, height, width) axes, as text after a
+    prompt does in Qwen-VL's 3-D positions. Positions after an EOS are never attended to by a
+    real token, so what they hold does not matter.
+
+    >>> grouped_positions(torch.tensor([[[0, 0, 3, 4]]]).expand(3, 1, 4), 2, 2)[0].tolist()
+    [[0, 0, 3, 4, 5, 6, 5, 6]]
+    """
+    start = prompt_positions.amax(dim=(0, 2)) + 1  # [B]
+    completion = start.unsqueeze(1) + torch.arange(fed_length, device=start.device)  # [B, F]
+    blocks = completion.repeat(1, num_generations)  # [B, G*F]
+    return torch.cat([prompt_positions, blocks.unsqueeze(0).expand(3, -1, -1)], dim=2)
+
+
+def grouped_token_index(prompt_length: int, num_generations: int, completion_length: int) -> torch.Tensor:
+    """Where, in a grouped sequence, the hidden state predicting each completion token sits -> [G, L].
+
+    Token 0 of every completion is predicted by the prompt's last position; token ``j > 0`` of
+    completion ``k`` by its token ``j - 1``, at ``P + k * (L - 1) + j - 1`` (blocks hold the
+    ``L - 1`` tokens that are fed).
+
+    >>> grouped_token_index(prompt_length=3, num_generations=2, completion_length=3).tolist()
+    [[2, 3, 4], [2, 5, 6]]
+    """
+    fed = completion_length - 1
+    starts = prompt_length + fed * torch.arange(num_generations).unsqueeze(1)  # [G, 1]
+    rest = starts + torch.arange(fed).unsqueeze(0)  # [G, L-1]
+    return torch.cat([torch.full((num_generations, 1), prompt_length - 1), rest], dim=1)

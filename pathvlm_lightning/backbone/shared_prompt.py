@@ -1,21 +1,33 @@
-"""Scoring G completions per prompt without paying for the prompt G times.
+"""Which way ``Backbone.token_logprobs`` scores G completions per prompt without paying for the prompt G times.
 
 The G completions of a GRPO group share one prompt: the same tokens and the same images. Scoring
 them as G separate sequences runs the vision tower and every decoder layer over the prompt G times,
-and the prompt is most of each sequence (an image alone is 256 tokens at 448x448). Two ways to pay
-once, both giving what the G copies give up to float rounding:
+and the prompt is most of each sequence (an image alone is 256 tokens at 448x448). Each way below
+gives what the G copies give, up to float rounding (gradients reaching the prompt's computation
+arrive once, summed over its G completions, which is the sum the copies would produce):
 
-- ``shared_prompt_hidden``: the prompt goes through the model once (its images encoded once), its
-  key/value cache is repeated G times, and the completions run against it. In backward, gradients
-  reach the prompt's computation once, summed over its G completions, which is the sum the G copies
-  would have produced.
-- ``expanded_image_features``: only the images are encoded once and their features are handed to
-  the G copies (``mm_encoder_outputs``); the prompt tokens still run G times. For when the cache
-  cannot be reused: activation checkpointing drops caches in a training forward.
+- ``cache`` (:func:`cached_prompt_hidden_states`): the prompt goes through the model once, its
+  key/value cache is repeated G times, and the completions run against it in a second forward.
+  Works with any attention backend (flash-attention included), but only in one process (two root
+  forwards per backward are not what FSDP2's hooks expect), without activation checkpointing
+  (which drops caches in a training forward) and for image prompts (it continues positions by the
+  prompt's rope delta).
+- ``grouped`` (``backbone/prefix_group.py``): one sequence per prompt, ``[prompt, c_1, ..., c_G]``,
+  with a block attention mask, in one ordinary forward. Needs an attention backend that takes a
+  4-D mask (``sdpa``, ``eager``); works sharded (FSDP2), under activation checkpointing and for
+  text-only prompts. Its attention runs over the whole [S, S] grouped sequence (S = P + G x (L-1)),
+  most of it masked, where ``cache`` attends over [L-1, P+L-1] per completion: on the embedded
+  small model (``benchmarks/prefix_vs_copies.py``) the two take the same time at 64 completion
+  tokens (grouped with 12-15 % less memory) and grouped takes 1.2-1.5x the time of ``cache`` at
+  256, so ``cache`` is chosen wherever it can run.
+- ``images`` (:func:`expanded_image_features`): only the images are encoded once, their features
+  handed to the G copies (``mm_encoder_outputs``); the prompt tokens still run G times. For
+  flash-attention under activation checkpointing.
+- ``none``: G copies.
 
-Both need the transformers 5.x model API (``cache``, ``mm_encoder_outputs``); :func:`sharing_mode`
-says which one applies. What differs between families (repeating the cache, DeepStack features,
-positions after the images) is asked of the model's :class:`~pathvlm_lightning.backbone.families.Family`.
+What differs between families (repeating the cache, DeepStack features, positions after the
+images, whether a block mask can keep completions apart) is asked of the model's
+:class:`~pathvlm_lightning.backbone.families.Family`.
 """
 
 from __future__ import annotations
@@ -29,29 +41,37 @@ from transformers import PreTrainedModel
 
 from pathvlm_lightning.backbone.families import Family
 from pathvlm_lightning.backbone.logprobs import final_hidden_states
+from pathvlm_lightning.backbone.prefix_group import can_group
 from pathvlm_lightning.backbone.sequences import expanded_image_order, images_per_row
 
-SharingMode = Literal["prompt", "images", "none"]
+SharingMode = Literal["grouped", "cache", "images", "none"]
 
 
-def sharing_mode(model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], sharded: bool) -> SharingMode:
-    """How much of a prompt ``token_logprobs`` can compute once for its G completions.
+def sharing_mode(
+    family: Family, model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], *, share: bool, sharded: bool
+) -> SharingMode:
+    """How ``token_logprobs`` computes a prompt once for its G completions (see the module docstring).
 
-    ``none`` for text-only prompts (their positions follow another rule; pathology prompts always
-    carry an image), FSDP2-sharded models (the vision tower would run outside the sharded root's
-    forward, and two root forwards per backward are untested there) and transformers without the
-    5.x arguments; ``images`` while activation checkpointing would drop the cache; else ``prompt``.
+    ``cache`` for image prompts in one process unless activation checkpointing would drop the cache
+    (a training forward with gradients); else ``grouped`` when the attention backend takes a block
+    mask (``sdpa``, ``eager``: under FSDP2, with checkpointing, for text-only prompts); else
+    (flash-attention) ``images`` under checkpointing in one process and ``none`` otherwise.
+    ``share=False`` or transformers without the 5.x arguments: ``none``.
     """
     accepted = inspect.signature(model.forward).parameters
-    if inputs.get("pixel_values") is None or sharded or not {"cache", "mm_encoder_outputs"} <= set(accepted):
+    if not share or not {"cache", "mm_encoder_outputs"} <= set(accepted):
         return "none"
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    if checkpointing and model.training and torch.is_grad_enabled():
-        return "images"
-    return "prompt"
+    drops_cache = checkpointing and model.training and torch.is_grad_enabled()
+    single_image_batch = inputs.get("pixel_values") is not None and not sharded
+    if single_image_batch and not drops_cache:
+        return "cache"
+    if can_group(model) and family.groups_prompts:
+        return "grouped"
+    return "images" if single_image_batch else "none"
 
 
-def shared_prompt_hidden(
+def cached_prompt_hidden_states(
     family: Family,
     model: PreTrainedModel,
     inputs: Mapping[str, torch.Tensor],
@@ -64,8 +84,8 @@ def shared_prompt_hidden(
     ``inputs`` are the B prompts (``input_ids``/``attention_mask``/``mm_token_type_ids`` [B, P], pixels,
     grids); ``fed_completions`` [B*G, L] the ids to feed (vision ids already replaced) and
     ``completion_mask`` [B*G, L] which of them are attended to. The last completion token is never
-    fed: nothing is predicted from it. The vocabulary projection is left to the caller
-    (``backbone/logprobs.py``); each forward projects one position only (``logits_to_keep=1``).
+    fed: nothing is predicted from it. Each forward projects one position only (``logits_to_keep=1``);
+    the vocabulary projection is the caller's (``backbone/logprobs.py``).
     """
     g = num_generations
     prompt = model(**inputs, use_cache=True, logits_to_keep=1, output_hidden_states=True)

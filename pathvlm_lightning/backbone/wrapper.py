@@ -7,6 +7,8 @@ means later speedups (one vision pass and one prefill per group of G) land in on
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from pathvlm_lightning.backbone import sharding
 from pathvlm_lightning.backbone.export import export_pretrained
-from pathvlm_lightning.backbone.families import family_of
+from pathvlm_lightning.backbone.families import Family, family_of
 from pathvlm_lightning.backbone.loading import Quantization, Vocab, load_model_and_processor
 from pathvlm_lightning.backbone.logprobs import (
     DEFAULT_CHUNK_SIZE,
@@ -28,7 +30,13 @@ from pathvlm_lightning.backbone.logprobs import (
     output_layer,
 )
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
-from pathvlm_lightning.backbone.shared_prompt import expanded_image_features, shared_prompt_hidden, sharing_mode
+from pathvlm_lightning.backbone.prefix_group import grouped_hidden_states
+from pathvlm_lightning.backbone.shared_prompt import (
+    SharingMode,
+    cached_prompt_hidden_states,
+    expanded_image_features,
+    sharing_mode,
+)
 from pathvlm_lightning.backbone.sequences import (
     completion_mask,
     expand_prompt_inputs,
@@ -37,6 +45,8 @@ from pathvlm_lightning.backbone.sequences import (
     replace_tokens,
 )
 
+
+_log = logging.getLogger(__name__)
 
 class Backbone(torch.nn.Module):
     """A Qwen-VL model of any supported family plus its processor, with LoRA, quantisation and freezing
@@ -59,9 +69,13 @@ class Backbone(torch.nn.Module):
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
         share_prompts: the G completions of a prompt share its tokens and images, so ``generate``
             encodes each image once (transformers 5.x) and ``token_logprobs`` runs each prompt once
-            and its G completions against the prompt's repeated key/value cache (see
-            ``backbone/shared_prompt.py``; where that cannot be done, as many copies as needed).
-            Results equal G separate copies up to float rounding; ``False`` always runs G copies.
+            for its G completions: in one process against the prompt's repeated key/value cache;
+            under FSDP2, activation checkpointing or for text-only prompts as one sequence
+            ``[prompt, c_1, ..., c_G]`` with a block attention mask (``sdpa``/``eager``,
+            ``backbone/prefix_group.py``; flash-attention takes no such mask and falls back to
+            encoding the images once, or to copies). See ``backbone/shared_prompt.py`` and
+            :meth:`sharing_mode`. Results equal G separate copies up to float rounding; ``False``
+            always runs G copies.
         logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``
             holds at once (``backbone/logprobs.py``); 512 x 151,936 ids is 297 MiB of float32.
     """
@@ -221,7 +235,8 @@ class Backbone(torch.nn.Module):
         those of the given ids.
         Positions after the first EOS are masked from attention and their values are meaningless.
         Runs in whatever mode the module is in (dropout included). With ``share_prompts`` each
-        prompt runs once for its G completions (gradients reaching it add up over them).
+        prompt runs once for its G completions (gradients reaching it add up over them;
+        :meth:`sharing_mode` says how).
         """
         inputs = self._on_device(prompt_inputs)  # [B, P]
         rows = inputs["input_ids"].shape[0] * num_generations
@@ -233,13 +248,25 @@ class Backbone(torch.nn.Module):
         completion_ids = completion_ids.to(inputs["input_ids"].device)
         fed = replace_tokens(completion_ids, self.vision_token_ids, self.pad_token_id)  # [B*G, L]
         mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
-        mode = sharing_mode(self.hf_model, inputs, sharded=bool(sharding.fsdp_units(self.model)))
-        if self.share_prompts and mode == "prompt":
-            hidden = shared_prompt_hidden(self.family, self.hf_model, inputs, fed, mask, num_generations)  # [B*G, L, H]
+        mode = self.sharing_mode(inputs)
+        if mode == "grouped":
+            hidden = grouped_hidden_states(self.hf_model, inputs, fed, num_generations)  # [B*G, L, H]
+        elif mode == "cache":
+            hidden = cached_prompt_hidden_states(
+                self.family, self.hf_model, inputs, fed, mask, num_generations
+            )  # [B*G, L, H]
         else:
-            share_images = self.share_prompts and mode == "images"
-            hidden = self._copies_hidden(inputs, fed, mask, num_generations, share_images)  # [B*G, L, H]
+            hidden = self._copies_hidden(inputs, fed, mask, num_generations, mode == "images")  # [B*G, L, H]
         return self.logprobs_from_hidden(hidden, completion_ids, temperature)
+
+    def sharing_mode(self, prompt_inputs: Mapping[str, torch.Tensor]) -> SharingMode:
+        """How ``token_logprobs`` computes each of these prompts once for its G completions:
+        ``grouped``, ``cache``, ``images`` or ``none`` (G copies); see ``backbone/shared_prompt.py``."""
+        sharded = bool(sharding.fsdp_units(self.model))
+        mode = sharing_mode(self.family, self.hf_model, prompt_inputs, share=self.share_prompts, sharded=sharded)
+        if mode in ("images", "none") and self.share_prompts and not self.family.groups_prompts:
+            _log_family_fallback(self.family, mode)
+        return mode
 
     def logprobs_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         """float32 log p(targets) [N, L] from final-normed hidden states [N, L, H] through the output layer.
@@ -340,6 +367,18 @@ class Backbone(torch.nn.Module):
             image_token_id=config.image_token_id,
             merge_size=config.vision_config.spatial_merge_size,
         )
+
+
+@functools.cache
+def _log_family_fallback(family: Family, mode: SharingMode) -> None:
+    """Say once per family and mode that its prompts are not grouped (``Family.groups_prompts``)."""
+    what = "only its images are encoded once" if mode == "images" else "each prompt runs G times"
+    _log.info(
+        "token_logprobs: %s cannot score a prompt's completions as one grouped sequence (some of its "
+        "layers do not attend, so no block mask keeps completions apart); here %s.",
+        type(family).__name__,
+        what,
+    )
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:

@@ -49,6 +49,9 @@ class Family(ABC):
     """Vision patch side in pixels; one token per ``(2 * patch_size)**2`` pixels after the 2x2 merge."""
     image_mean: ClassVar[tuple[float, float, float]] = (0.48145466, 0.4578275, 0.40821073)
     image_std: ClassVar[tuple[float, float, float]] = (0.26862954, 0.26130258, 0.27577711)
+    groups_prompts: ClassVar[bool] = True
+    """Whether a block attention mask keeps G completions apart in one grouped sequence
+    (``backbone/prefix_group.py``); false where some layers do not attend (linear attention)."""
 
     # ------------------------------------------------------------------ where things live
     def vision_tower(self, model: PreTrainedModel) -> torch.nn.Module:

