@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pathvlm_lightning.backbone import Backbone, LoraOptions
@@ -360,3 +361,24 @@ def test_abstaining_reward_gives_a_finite_loss(tmp_path: Path) -> None:
     assert all(math.isfinite(v) for _, v in memory.series("reward/total_mean"))
     assert changed_names(module, before)  # the even completions still teach
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+# ---- resume: the reference stays the stage's starting point -------------------------------------
+def test_resumed_fit_keeps_the_starting_weights_as_reference(tmp_path: Path) -> None:
+    # Lightning restores the checkpoint after the callbacks' setup, where the frozen copy is taken
+    # from the module as built (the starting weights), so the reference never becomes the
+    # checkpoint's trained policy.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    grpo_fit(tmp_path / "first", [rollout_callback(), LengthReward(), ReferenceModelCallback(), checkpoint],
+             beta=0.04, trainer_overrides=dict(enable_checkpointing=True))
+    reference = ReferenceModelCallback()
+    pl.seed_everything(0)
+    module = GRPOModule(Backbone("embedded-tiny", seed=0), beta=0.04, log_completions_every_n_steps=0)
+    before = parameters(module.backbone)
+    callbacks = [rollout_callback(), LengthReward(), reference]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=3, callbacks=callbacks))
+    datamodule = make_datamodule(tmp_path / "first", module.backbone.processor, "prompt")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    assert trainer.global_step == 3
+    assert all(torch.equal(p, before[n]) for n, p in parameters(reference._reference).items())
+    assert changed_names(module, before)  # the policy is the resumed (trained) one
