@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -174,8 +175,10 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         for iteration in range(self.hparams.num_iterations):
             optimizer.zero_grad()
             losses, stats = [], []
-            for part in parts:
-                loss, part_stats, logprobs = self._accumulate(part, num_tokens, totals)
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1  # DDP all-reduces the summed gradients once, after it
+                with nullcontext() if last else self._no_gradient_sync():
+                    loss, part_stats, logprobs = self._accumulate(part, num_tokens, totals)
                 losses.append(loss)
                 stats.append(part_stats)
                 if iteration == 0 and self.hparams.num_iterations > 1:
@@ -210,11 +213,17 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.manual_backward(loss)
         return loss.detach(), stats, logprobs.detach()
 
+    def _no_gradient_sync(self) -> AbstractContextManager[Any]:
+        """DDP: accumulate this micro-batch's gradients locally (``no_sync``). FSDP2 keeps reducing
+        each micro-batch: its gradients are sharded, and skipping the reduce-scatter would hold
+        them unsharded until the last one."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else nullcontext()
+
     def _nothing_to_learn(self, zero_var: torch.Tensor) -> bool:
         """True when every group on every rank has zero-variance rewards (a collective: all ranks
         decide the same, so they skip the step together and no gradient reduction is left waiting)."""
-        spread = (~zero_var).sum().to(device=self.device, dtype=torch.float32)  # groups with spread here
-        return float(self.trainer.strategy.reduce(spread, reduce_op="sum")) == 0
+        return self.trainer.strategy.reduce_boolean_decision(bool(zero_var.all()), all=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["grpo_skipped_steps"] = self._skipped_steps
