@@ -313,19 +313,17 @@ def test_num_iterations_reuses_each_rollout_with_old_logprobs(tmp_path: Path) ->
 
 # ---- dynamic sampling and abstaining rewards ----------------------------------------------------
 def test_drop_zero_variance_groups_trains_on_the_groups_with_spread(tmp_path: Path) -> None:
-    two_batches = dict(max_epochs=1, limit_train_batches=2)  # max_steps counts updates: batch 1 makes none
-    _, trainer, memory, _ = grpo_fit(
-        tmp_path, [rollout_callback(), FirstGroupReward()], beta=0.0, drop_zero_variance_groups=True,
-        max_steps=-1, trainer_overrides=two_batches,
+    module, trainer, memory, _ = grpo_fit(
+        tmp_path, [rollout_callback(), FirstGroupReward()], beta=0.0, drop_zero_variance_groups=True
     )
     (step0, step1) = [m for _, m in memory.history]
     # batch 0: group 1 of 2 has rewards 0,1,2,3, group 2 is all 0 -> half the groups are dropped
     assert step0["groups/zero_variance_frac"] == 0.5 and step0["groups/trained_frac"] == 0.5
     assert math.isfinite(step0["train/loss"]) and step0["groups/skipped_steps"] == 0.0
-    # batch 1: every reward is 0 -> nothing to learn, the step is skipped (no update)
+    # batch 1: every reward is 0 -> nothing to learn, the step is skipped (but counted)
     assert step1["groups/zero_variance_frac"] == 1.0 and step1["advantage/abs_mean"] == 0.0
     assert step1["groups/skipped_steps"] == 1.0
-    assert trainer.global_step == 1
+    assert trainer.global_step == 2
 
 
 def test_zero_advantage_steps_leave_weights_and_optimizer_untouched(tmp_path: Path) -> None:
@@ -337,19 +335,17 @@ def test_zero_advantage_steps_leave_weights_and_optimizer_untouched(tmp_path: Pa
         scheduled.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=10))
         return scheduled[-1]
 
-    three_batches = dict(max_epochs=1, limit_train_batches=3)
     reference = ReferenceModelCallback(sync_every_n_steps=1)
     module, trainer, memory, before = grpo_fit(
-        tmp_path, [rollout_callback(), ConstantReward(), reference], beta=0.04, max_steps=-1,
-        trainer_overrides=three_batches, scheduler=scheduler,
+        tmp_path, [rollout_callback(), ConstantReward(), reference], max_steps=3, beta=0.04, scheduler=scheduler
     )
     after = parameters(module.backbone)
     assert all(torch.equal(after[n], before[n]) for n in before)  # bit-identical
-    assert all(torch.equal(p, before[n]) for n, p in parameters(reference._reference).items())  # no sync
+    assert all(torch.equal(p, before[n]) for n, p in parameters(reference._reference).items())
     optimizer = trainer.optimizers[0]
     assert optimizer.state_dict()["state"] == {}  # no moment estimates, no step counts
     assert scheduled[0].last_epoch == 0 and optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
-    assert trainer.global_step == 0
+    assert trainer.global_step == 3  # counted, so max_steps still ends a run that never sees spread
     assert [m["groups/skipped_steps"] for _, m in memory.history] == [1.0, 2.0, 3.0]
     assert all("train/loss" not in m for _, m in memory.history)
 

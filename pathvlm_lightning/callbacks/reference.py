@@ -50,7 +50,6 @@ class ReferenceModelCallback(Callback):
         self._reference: Any = None  # a frozen Backbone copy (full fine-tuning only)
         self._needs_weights = False  # a sharded skeleton waiting for the policy's shards
         self._synced = False
-        self._step_seen: int | None = None  # global_step at the previous batch end (syncs once per step)
 
     @property
     def uses_adapters(self) -> bool:
@@ -97,7 +96,6 @@ class ReferenceModelCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give the copy its weights on the policy's device: the sharded skeleton its 1/N shards of
         the (still unrestored) policy, an unsharded copy a move."""
-        self._step_seen = trainer.global_step
         if self._reference is None:
             return
         if self._needs_weights:
@@ -108,9 +106,7 @@ class ReferenceModelCallback(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        stepped = trainer.global_step != self._step_seen  # False after a skipped (zero-advantage) step
-        self._step_seen = trainer.global_step
-        if self._reference is None or self.sync_every_n_steps is None or not stepped:
+        if self._reference is None or self.sync_every_n_steps is None:
             return
         if trainer.global_step > 0 and trainer.global_step % self.sync_every_n_steps == 0:
             self._mix_towards(pl_module.backbone)

@@ -35,11 +35,12 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     the whole step, so loss, statistics and gradient equal the full batch's (``grpo/loss.py``).
 
     A step where every group of every rank has zero-variance rewards (all advantages 0) teaches
-    nothing: it is skipped whole (no backward, no optimizer or scheduler step, no ``global_step``),
-    because AdamW would normalise the rounding noise (and the KL term's tiny gradient near the
-    reference) into a full-size update. ``groups/skipped_steps`` counts them over the run;
-    ``max_steps`` counts optimizer updates, so a run that never sees spread ends only at
-    ``max_epochs``.
+    nothing: it is skipped (no forward/backward, no scheduler step, weights and optimizer state
+    untouched), because AdamW would normalise the rounding noise (and the KL term's tiny gradient
+    near the reference) into a full-size update. It still counts as a ``global_step`` (the
+    optimizer is stepped with every gradient set to None, which torch's optimizers skip), so
+    ``max_steps`` bounds the rollouts and a run whose rewards never spread still ends.
+    ``groups/skipped_steps`` counts them over the run.
 
     Args:
         backbone: the policy (starts from the SFT stage's exported folder).
@@ -163,10 +164,13 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         skip = self._nothing_to_learn(zero_var)
         self._skipped_steps += int(skip)
         self._log_rollout(rollout, total, zero_var, train_rollout)
+        optimizer = self.optimizers()
         if skip:
+            for _ in range(self.hparams.num_iterations):  # the step counter moves, nothing else
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
             return
 
-        optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         dapo = self.hparams.loss_type == "dapo"
         num_tokens = self._dapo_num_tokens(train_rollout.completion_mask) if dapo else None
