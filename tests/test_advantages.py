@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pathvlm_lightning.grpo.advantages import group_advantages, zero_variance_groups
+from pathvlm_lightning.grpo.advantages import finite_std, group_advantages, zero_variance_groups
 
 NAN = float("nan")
 
@@ -88,3 +88,16 @@ def test_integer_rewards_are_accepted():
 def test_bad_arguments_are_quoted(kwargs, message):
     with pytest.raises(ValueError, match=message):
         group_advantages(**kwargs)
+
+
+def test_batch_std_from_a_larger_batch_replaces_the_local_one():
+    # A rank's rewards [1, 0, 3, 3] with the global batch's std 2.0: group-centred (0.5, -0.5, 0, 0) / 2
+    rewards = torch.tensor([1.0, 0.0, 3.0, 3.0])
+    out = group_advantages(rewards, group_size=2, scale="batch", eps=0.0, batch_std=torch.tensor(2.0))
+    torch.testing.assert_close(out, torch.tensor([0.25, -0.25, 0.0, 0.0]))
+    local = group_advantages(rewards, group_size=2, scale="batch", eps=0.0)  # std of [1, 0, 3, 3] = 1.5
+    torch.testing.assert_close(local, torch.tensor([0.5, -0.5, 0.0, 0.0]) / 1.5)
+    assert finite_std(torch.tensor([1.0, float("nan"), 3.0])).item() == pytest.approx(2**0.5)
+    assert finite_std(torch.tensor([1.0, float("nan")])).item() == 0.0
+    with pytest.raises(ValueError, match="batch_std is only used by scale 'batch', not 'group'"):
+        group_advantages(rewards, group_size=2, scale="group", batch_std=1.0)

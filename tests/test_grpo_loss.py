@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pathvlm_lightning.grpo.loss import GRPOLoss
+from pathvlm_lightning.grpo.loss import GRPOLoss, StepTotals, sum_stats
 
 # Two completions, old log-probs 0, so ratio = exp(logprobs) is chosen directly:
 #   completion 0, A = +1, ratios [1.5, 1.0, pad]
@@ -263,3 +263,40 @@ def test_bad_inputs_are_quoted():
         GRPOLoss(loss_type="bnpo", beta=0.0)(logp, adv, mask, num_tokens=5)
     with pytest.raises(ValueError, match="num_tokens must be > 0, got 0"):
         GRPOLoss(loss_type="dapo", beta=0.0)(logp, adv, mask, num_tokens=0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batch_shares_add_up_to_the_whole_step(loss_type):
+    # Three micro-batches of unequal sizes and token counts, every normaliser from StepTotals of the
+    # whole step: loss, gradient and every statistic add up to the one-call values (float64, so
+    # only summation order differs: 1e-12).
+    gen = torch.Generator().manual_seed(5)
+    logprobs = (-torch.rand(6, 5, generator=gen, dtype=torch.float64)).requires_grad_()
+    old = logprobs.detach() + 0.3 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    ref = logprobs.detach() + 0.2 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    advantages = torch.randn(6, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    num_tokens = 40.0 if loss_type == "dapo" else None  # e.g. the tokens of all ranks / world size
+    module = GRPOLoss(loss_type=loss_type, beta=0.1, max_completion_length=5)
+    whole, whole_stats = module(logprobs, advantages, mask, old_logprobs=old, ref_logprobs=ref, num_tokens=num_tokens)
+    (expected_grad,) = torch.autograd.grad(whole, logprobs)
+    totals = StepTotals.of(mask)
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    shares = [
+        module(logprobs[s], advantages[s], mask[s], old_logprobs=old[s], ref_logprobs=ref[s], num_tokens=num_tokens,
+               totals=totals)
+        for s in parts
+    ]
+    summed = sum(loss for loss, _ in shares)
+    (grad,) = torch.autograd.grad(summed, logprobs)
+    assert summed.item() == pytest.approx(whole.item(), abs=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    stats = sum_stats([s for _, s in shares])
+    for field in ("policy_loss", "kl", "clip_low_fraction", "clip_high_fraction", "ratio_mean"):
+        assert getattr(stats, field).item() == pytest.approx(getattr(whole_stats, field).item(), abs=1e-12), field
+    assert whole_stats.clip_low_fraction > 0 or whole_stats.clip_high_fraction > 0  # clipping is exercised
+    # without the step's totals each micro-batch normalises by itself and the shares do not add up
+    alone = sum(module(logprobs[s], advantages[s], mask[s], old_logprobs=old[s], ref_logprobs=ref[s],
+                       num_tokens=num_tokens)[0] for s in parts)
+    if loss_type != "dapo":  # dapo's loss normaliser is num_tokens either way (its statistics are not)
+        assert alone.item() != pytest.approx(whole.item(), abs=1e-3)

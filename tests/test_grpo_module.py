@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pathvlm_lightning.backbone import Backbone, LoraOptions
@@ -37,18 +38,32 @@ class LengthReward(RewardCallback):
 
 
 class FirstGroupReward(RewardCallback):
-    """0, 1, 2, 3 for the completions of the first prompt at step 0; 0 everywhere else.
+    """0, 1, 2, 3 for the completions of the first prompt of the first batch; 0 everywhere else.
 
-    So step 0 has one group with spread and one without, and step 1 has no spread at all.
+    So batch 0 has one group with spread and one without, and later batches have no spread at all.
     """
 
     default_name = "first_group"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
     def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
         scores = torch.zeros(rollout.num_completions)  # [B*G]
-        if pl_module.global_step == 0:
+        if self.batches == 0:
             scores[: rollout.group_size] = torch.arange(rollout.group_size, dtype=torch.float32)
+        self.batches += 1
         return scores
+
+
+class ConstantReward(RewardCallback):
+    """1 for every completion: every group has zero variance, every advantage is 0."""
+
+    default_name = "constant"
+
+    def score_text(self, completion: str, record: VQARecord) -> float:
+        return 1.0
 
 
 class HalfAbstainingReward(RewardCallback):
@@ -110,6 +125,7 @@ def grpo_fit(
     max_steps: int = 2,
     lora: LoraOptions | None = None,
     tensorboard: bool = False,
+    trainer_overrides: dict[str, Any] | None = None,
     **module_kwargs: Any,
 ) -> tuple[GRPOModule, pl.Trainer, MemoryLogger, dict[str, torch.Tensor]]:
     """Seeded tiny-model GRPO fit; returns the module, trainer, metric history and initial parameters."""
@@ -124,7 +140,8 @@ def grpo_fit(
     before = parameters(module.backbone)
     memory = MemoryLogger()
     loggers = [TensorBoardLogger(save_dir=str(root), name="tb"), memory] if tensorboard else [memory]
-    trainer = pl.Trainer(**trainer_kwargs(root, max_steps=max_steps, logger=loggers, callbacks=callbacks))
+    overrides = dict(trainer_overrides or {})
+    trainer = pl.Trainer(**trainer_kwargs(root, max_steps=max_steps, logger=loggers, callbacks=callbacks, **overrides))
     trainer.fit(module, datamodule=make_datamodule(root, module.backbone.processor, "prompt"))
     return module, trainer, memory, before
 
@@ -296,17 +313,41 @@ def test_num_iterations_reuses_each_rollout_with_old_logprobs(tmp_path: Path) ->
 
 # ---- dynamic sampling and abstaining rewards ----------------------------------------------------
 def test_drop_zero_variance_groups_trains_on_the_groups_with_spread(tmp_path: Path) -> None:
-    _, trainer, memory, _ = grpo_fit(
+    module, trainer, memory, _ = grpo_fit(
         tmp_path, [rollout_callback(), FirstGroupReward()], beta=0.0, drop_zero_variance_groups=True
     )
-    assert trainer.global_step == 2
     (step0, step1) = [m for _, m in memory.history]
-    # step 0: group 1 of 2 has rewards 0,1,2,3, group 2 is all 0 -> half the groups are dropped
+    # batch 0: group 1 of 2 has rewards 0,1,2,3, group 2 is all 0 -> half the groups are dropped
     assert step0["groups/zero_variance_frac"] == 0.5 and step0["groups/trained_frac"] == 0.5
-    # step 1: every reward is 0 -> nothing to drop, the step trains on all with zero advantages
-    assert step1["groups/zero_variance_frac"] == 1.0 and step1["groups/trained_frac"] == 1.0
-    assert step1["advantage/abs_mean"] == 0.0
-    assert all(math.isfinite(m["train/loss"]) for m in (step0, step1))
+    assert math.isfinite(step0["train/loss"]) and step0["groups/skipped_steps"] == 0.0
+    # batch 1: every reward is 0 -> nothing to learn, the step is skipped (but counted)
+    assert step1["groups/zero_variance_frac"] == 1.0 and step1["advantage/abs_mean"] == 0.0
+    assert step1["groups/skipped_steps"] == 1.0
+    assert trainer.global_step == 2
+
+
+def test_zero_advantage_steps_leave_weights_and_optimizer_untouched(tmp_path: Path) -> None:
+    # Every group uniform at every step: AdamW at lr 1e-3 would still move every weight (it
+    # normalises the rounding noise of a zero gradient, and the KL term's, into full-size steps).
+    scheduled: list[torch.optim.lr_scheduler.LRScheduler] = []
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        scheduled.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=10))
+        return scheduled[-1]
+
+    reference = ReferenceModelCallback(sync_every_n_steps=1)
+    module, trainer, memory, before = grpo_fit(
+        tmp_path, [rollout_callback(), ConstantReward(), reference], max_steps=3, beta=0.04, scheduler=scheduler
+    )
+    after = parameters(module.backbone)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # bit-identical
+    assert all(torch.equal(p, before[n]) for n, p in parameters(reference._reference).items())
+    optimizer = trainer.optimizers[0]
+    assert optimizer.state_dict()["state"] == {}  # no moment estimates, no step counts
+    assert scheduled[0].last_epoch == 0 and optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    assert trainer.global_step == 3  # counted, so max_steps still ends a run that never sees spread
+    assert [m["groups/skipped_steps"] for _, m in memory.history] == [1.0, 2.0, 3.0]
+    assert all("train/loss" not in m for _, m in memory.history)
 
 
 def test_abstaining_reward_gives_a_finite_loss(tmp_path: Path) -> None:
@@ -316,3 +357,24 @@ def test_abstaining_reward_gives_a_finite_loss(tmp_path: Path) -> None:
     assert all(math.isfinite(v) for _, v in memory.series("reward/total_mean"))
     assert changed_names(module, before)  # the even completions still teach
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+# ---- resume: the reference stays the stage's starting point -------------------------------------
+def test_resumed_fit_keeps_the_starting_weights_as_reference(tmp_path: Path) -> None:
+    # Lightning restores the checkpoint after the callbacks' setup, where the frozen copy is taken
+    # from the module as built (the starting weights), so the reference never becomes the
+    # checkpoint's trained policy.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    grpo_fit(tmp_path / "first", [rollout_callback(), LengthReward(), ReferenceModelCallback(), checkpoint],
+             beta=0.04, trainer_overrides=dict(enable_checkpointing=True))
+    reference = ReferenceModelCallback()
+    pl.seed_everything(0)
+    module = GRPOModule(Backbone("embedded-tiny", seed=0), beta=0.04, log_completions_every_n_steps=0)
+    before = parameters(module.backbone)
+    callbacks = [rollout_callback(), LengthReward(), reference]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=3, callbacks=callbacks))
+    datamodule = make_datamodule(tmp_path / "first", module.backbone.processor, "prompt")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    assert trainer.global_step == 3
+    assert all(torch.equal(p, before[n]) for n, p in parameters(reference._reference).items())
+    assert changed_names(module, before)  # the policy is the resumed (trained) one

@@ -291,14 +291,20 @@ class Backbone(torch.nn.Module):
         with self.model.disable_adapter():
             yield
 
-    def build_frozen_copy(self) -> Backbone:
+    def build_frozen_copy(self, *, on_meta: bool = False) -> Backbone:
         """A deep copy in eval mode with every parameter frozen (reference or old policy).
 
-        Build it before sharding: the copy has the same generate/token_logprobs API.
+        Build it before sharding: the copy has the same generate/token_logprobs API. With
+        ``on_meta`` its parameters are on the meta device and take no memory (buffers are copied):
+        the skeleton of a sharded copy, to be sharded, ``to_empty``-ed and filled by the caller.
         """
         if sharding.fsdp_units(self.model):
             raise RuntimeError("build_frozen_copy() must run before apply_fully_shard(); the model is already sharded")
-        frozen = copy.deepcopy(self)
+        memo: dict[int, torch.nn.Parameter] = {}
+        if on_meta:
+            for parameter in self.parameters():
+                memo[id(parameter)] = torch.nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=False)
+        frozen = copy.deepcopy(self, memo)
         frozen.requires_grad_(False)
         return frozen.eval()
 

@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from typing_extensions import override
 
-from pathvlm_lightning.backbone.sharding import fsdp_units, full_state_dict
+from pathvlm_lightning.backbone.sharding import copy_local_shards, fsdp_units, full_state_dict, mixed_precision_policy
 from pathvlm_lightning.grpo.rollout import Rollout
 
 
@@ -19,11 +19,18 @@ class ReferenceModelCallback(Callback):
     """Computes ``rollout.ref_logprobs`` [B*G, L] for the KL term (the module calls it; only when beta > 0).
 
     With LoRA the reference is the same weights with the adapters disabled: no second copy in memory.
-    With full fine-tuning a frozen copy of the policy is built in ``setup`` (the policy's weights at
-    that point are the stage's starting point, also on resume, since the module is rebuilt from the
-    same checkpoint folder before the training state is restored). Under FSDP2
-    (``ModelParallelStrategy``) the copy is sharded over the same mesh as the policy, so each rank
-    holds 1/N of it and the sync mixes matching shards locally.
+    With full fine-tuning it is a frozen copy of the policy's weights as the stage starts, also on
+    resume (the module is rebuilt from the stage's starting folder, and the copy is taken before
+    the checkpoint restores the trained policy):
+
+    - one process, DDP, FSDP1: a deep copy built in ``setup``, before Lightning restores a checkpoint;
+    - FSDP2 (``ModelParallelStrategy``): no rank ever holds a second full copy. ``setup`` builds the
+      copy's skeleton on the meta device and shards it over the policy's mesh with the policy's
+      mixed-precision policy; ``on_fit_start`` (after ``configure_model`` sharded the policy, before
+      this strategy restores a checkpoint) allocates the rank's 1/N shards and copies the policy's
+      local shards into them. The sync then mixes matching shards locally.
+
+    The log-prob pass runs over the module's ``micro_batch_size`` slices of whole groups.
 
     Args:
         sync_every_n_steps: if set, every N optimizer steps the reference moves towards the policy:
@@ -41,6 +48,7 @@ class ReferenceModelCallback(Callback):
         self.sync_every_n_steps = sync_every_n_steps
         self.sync_mix = sync_mix
         self._reference: Any = None  # a frozen Backbone copy (full fine-tuning only)
+        self._needs_weights = False  # a sharded skeleton waiting for the policy's shards
         self._synced = False
 
     @property
@@ -60,28 +68,40 @@ class ReferenceModelCallback(Callback):
                 )
             return
         if self._reference is None:
-            self._reference = backbone.build_frozen_copy()
-            if isinstance(trainer.strategy, ModelParallelStrategy):
-                self._reference.apply_fully_shard(trainer.strategy.device_mesh["data_parallel"])
+            sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+            self._reference = backbone.build_frozen_copy(on_meta=sharded)
+            if sharded:
+                mesh = trainer.strategy.device_mesh["data_parallel"]
+                self._reference.apply_fully_shard(mesh, mixed_precision_policy(trainer.precision))
                 # Never in backward, so the root must reshard after its forward too: a root left
                 # gathered would hold a full copy and miss the syncs, which update the shards.
                 for unit in fsdp_units(self._reference):
                     unit.set_reshard_after_forward(True, recurse=False)
+                self._needs_weights = True
 
     @torch.no_grad()
     def reference_logprobs(self, pl_module: Any, rollout: Rollout) -> torch.Tensor:
         """[B*G, L] log-probs of ``rollout.completion_ids`` under the reference, at sampling temperature."""
         backbone = pl_module.backbone
         kwargs = dict(num_generations=rollout.group_size, temperature=rollout.temperature)
+        parts = rollout.group_slices(getattr(pl_module, "micro_batch_size", None))
         if self._reference is None:
             with backbone.adapters_disabled():
-                return backbone.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
-        return self._reference.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, **kwargs)
+                logprobs = [backbone.token_logprobs(p.prompt_inputs, p.completion_ids, **kwargs) for p in parts]
+        else:
+            logprobs = [self._reference.token_logprobs(p.prompt_inputs, p.completion_ids, **kwargs) for p in parts]
+        return torch.cat(logprobs)  # [B*G, L]: the slices are consecutive groups
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Put an unsharded copy on the policy's device once (FSDP2 placed sharded ones already)."""
-        if self._reference is not None and not self._sharded:
+        """Give the copy its weights on the policy's device: the sharded skeleton its 1/N shards of
+        the (still unrestored) policy, an unsharded copy a move."""
+        if self._reference is None:
+            return
+        if self._needs_weights:
+            copy_local_shards(pl_module.backbone, self._reference, pl_module.device)
+            self._needs_weights = False
+        elif not self._sharded:
             self._reference.to(pl_module.device)
 
     @override

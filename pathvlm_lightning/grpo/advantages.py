@@ -25,6 +25,7 @@ def group_advantages(
     group_size: int,
     scale: AdvantageScale = "group",
     eps: float = 1e-4,
+    batch_std: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """``[B*G]`` advantages ``(r - mean_group) / (std + eps)``.
 
@@ -36,6 +37,9 @@ def group_advantages(
             groups are small); ``"none"`` only centres (Dr. GRPO, which argues that the group std
             over-weights nearly solved and nearly hopeless questions).
         eps: added to the std so a zero-variance group gives 0 instead of 0/0.
+        batch_std: ``"batch"`` only: the std to divide by when the batch is larger than these
+            rewards (the finite rewards of every data-parallel rank); None: the std of
+            ``rewards``' own finite entries (:func:`finite_std`).
 
     >>> group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2, scale="none")
     tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
@@ -45,6 +49,8 @@ def group_advantages(
         raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if batch_std is not None and scale != "batch":
+        raise ValueError(f"batch_std is only used by scale 'batch', not {scale!r}")
     valid = ~torch.isnan(grouped)  # [B, G]
     count = valid.sum(dim=1, keepdim=True)  # [B, 1]
     mean = torch.where(valid, grouped, 0.0).sum(dim=1, keepdim=True) / count.clamp(min=1)  # [B, 1]
@@ -53,10 +59,17 @@ def group_advantages(
         return centred.reshape(-1)
     if scale == "group":
         std = _unbiased_std(centred, count)  # [B, 1]
+    elif batch_std is None:
+        std = finite_std(grouped[valid])  # []
     else:
-        finite = grouped[valid]  # [n_valid]
-        std = finite.std() if finite.numel() >= 2 else finite.new_zeros(())
+        std = torch.as_tensor(batch_std, dtype=grouped.dtype, device=grouped.device)  # []
     return (centred / (std + eps)).reshape(-1)
+
+
+def finite_std(values: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of the finite entries of ``values``; 0 below two of them."""
+    finite = values[torch.isfinite(values)]  # [n]
+    return finite.std() if finite.numel() >= 2 else finite.new_zeros(())
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -17,18 +17,23 @@ The per-token losses of the valid (masked-in) tokens are then aggregated by ``lo
 
 - ``grpo`` (DeepSeekMath): mean over each completion's tokens, then mean over completions. A token
   of a short completion weighs more than one of a long completion.
-- ``bnpo``: sum over all tokens / valid tokens in this batch. Every token weighs the same, but
-  only within the batch this call sees.
+- ``bnpo``: sum over all tokens / valid tokens of the step (on this rank). Every token weighs the
+  same, but only within the rank's batch.
 - ``dr_grpo`` (Dr. GRPO): sum over all tokens / (completions x ``max_completion_length``), a
   constant, so the loss has no length bias at all.
 - ``dapo`` (DAPO token-level): sum over all tokens / ``num_tokens``, the valid-token count of the
-  whole optimizer step. With gradient accumulation or several ranks, bnpo divides each micro-batch
-  by its own count, so tokens of a micro-batch with few tokens weigh more; dapo divides every
-  micro-batch by the same global count, so the accumulated gradient is exactly the token mean over
-  the whole step. Pass ``num_tokens`` as that global count divided by any averaging the caller's
-  gradient reduction applies (the world size under DDP, times the accumulation steps when
-  Lightning scales the loss by ``1 / accumulate_grad_batches``). Without ``num_tokens`` dapo equals
-  bnpo.
+  whole optimizer step over all ranks. Pass ``num_tokens`` as that global count divided by any
+  averaging the caller's gradient reduction applies (the world size under DDP/FSDP, times the
+  accumulation steps when Lightning scales the loss by ``1 / accumulate_grad_batches``), so the
+  step's gradient is exactly the token mean over the global batch. Without ``num_tokens`` dapo
+  equals bnpo.
+
+**Micro-batches.** The normalisers above (completions, tokens, ``num_tokens``) belong to the whole
+step. To split a step into micro-batches, count them once with :meth:`StepTotals.of` over the
+step's full mask and pass ``totals=`` to every call: each call then returns its *share* of the
+step's loss and statistics (the same denominators, its own numerators), so the shares add up to the
+full-batch values and their gradients to the full-batch gradient, for every ``loss_type``
+(:func:`sum_stats` adds the statistics). Without ``totals`` the call is its own whole step.
 
 With ``old_logprobs=None`` (one optimisation pass per rollout, ``num_iterations == 1``) the old
 policy is the current one detached: the ratio is 1 in value, yet its gradient is
@@ -38,6 +43,7 @@ policy is the current one detached: the ratio is 1 in value, yet its gradient is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +63,31 @@ class GRPOLossStats:
     clip_low_fraction: torch.Tensor  # ratio < 1 - epsilon_low with A < 0 (clipped, no gradient)
     clip_high_fraction: torch.Tensor  # ratio > 1 + epsilon_high with A > 0 (clipped, no gradient)
     ratio_mean: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """The counts one optimizer step (on this rank) is normalised by, over all its micro-batches."""
+
+    completions: int  # N, the step's completions (grpo's mean, dr_grpo's constant)
+    tokens: float  # the step's valid tokens (bnpo, and the statistics' token means)
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> StepTotals:
+        """Totals of a step whose completion mask is ``mask`` [N, L]."""
+        return cls(completions=mask.shape[0], tokens=float(mask.sum()))
+
+
+def sum_stats(parts: Sequence[GRPOLossStats]) -> GRPOLossStats:
+    """The statistics of a whole step from the shares its micro-batches returned (``totals=``)."""
+    kls = [p.kl for p in parts]
+    return GRPOLossStats(
+        policy_loss=sum(p.policy_loss for p in parts),
+        kl=None if any(k is None for k in kls) else sum(kls),
+        clip_low_fraction=sum(p.clip_low_fraction for p in parts),
+        clip_high_fraction=sum(p.clip_high_fraction for p in parts),
+        ratio_mean=sum(p.ratio_mean for p in parts),
+    )
 
 
 class GRPOLoss(nn.Module):
@@ -111,8 +142,9 @@ class GRPOLoss(nn.Module):
         old_logprobs: torch.Tensor | None = None,
         ref_logprobs: torch.Tensor | None = None,
         num_tokens: float | None = None,
+        totals: StepTotals | None = None,
     ) -> tuple[torch.Tensor, GRPOLossStats]:
-        """Scalar loss and its statistics.
+        """Scalar loss and its statistics (this micro-batch's shares of them when ``totals`` is given).
 
         Args:
             logprobs: ``[N, L]`` log-probabilities of the sampled tokens under the policy (grad).
@@ -123,8 +155,12 @@ class GRPOLoss(nn.Module):
             ref_logprobs: ``[N, L]`` the reference model's; required when ``beta > 0``; with
                 ``beta == 0`` it only feeds the logged KL.
             num_tokens: ``dapo`` only: the global valid-token count to divide by.
+            totals: the counts of the whole step this call is a micro-batch of; None: this call
+                is the whole step (``StepTotals.of(mask)``).
         """
         self._check_inputs(logprobs, advantages, mask, old_logprobs, ref_logprobs, num_tokens)
+        totals = StepTotals.of(mask) if totals is None else totals
+        tokens = max(totals.tokens, 1.0)  # an all-padding step contributes 0, not 0/0
         valid = mask.bool()  # [N, L]
         mask = mask.to(logprobs.dtype)  # [N, L]
         old = logprobs.detach() if old_logprobs is None else old_logprobs  # [N, L]
@@ -144,34 +180,35 @@ class GRPOLoss(nn.Module):
             if self.beta > 0:
                 per_token = per_token + self.beta * kl
 
-        loss = self._aggregate(per_token, mask, num_tokens)
+        loss = self._aggregate(per_token, mask, num_tokens, totals)
         with torch.no_grad():
             stats = GRPOLossStats(
-                policy_loss=self._aggregate(-surrogate, mask, num_tokens),
-                kl=None if kl is None else _masked_mean(kl, mask),
-                clip_low_fraction=_masked_mean(
-                    ((ratio < 1 - self.epsilon_low) & (adv < 0)).to(mask.dtype), mask
+                policy_loss=self._aggregate(-surrogate, mask, num_tokens, totals),
+                kl=None if kl is None else _token_share(kl, mask, tokens),
+                clip_low_fraction=_token_share(
+                    ((ratio < 1 - self.epsilon_low) & (adv < 0)).to(mask.dtype), mask, tokens
                 ),
-                clip_high_fraction=_masked_mean(
-                    ((ratio > 1 + self.epsilon_high) & (adv > 0)).to(mask.dtype), mask
+                clip_high_fraction=_token_share(
+                    ((ratio > 1 + self.epsilon_high) & (adv > 0)).to(mask.dtype), mask, tokens
                 ),
-                ratio_mean=_masked_mean(ratio, mask),
+                ratio_mean=_token_share(ratio, mask, tokens),
             )
         return loss, stats
 
     def _aggregate(
-        self, per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float | None
+        self, per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float | None, totals: StepTotals
     ) -> torch.Tensor:
-        """Reduce ``[N, L]`` per-token losses to a scalar; empty completions contribute 0."""
+        """Reduce ``[N, L]`` per-token losses to this batch's share of the step's scalar loss;
+        empty completions contribute 0."""
         masked = per_token * mask  # [N, L]
         if self.loss_type == "grpo":
             per_sequence = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [N]
-            return per_sequence.mean()
+            return per_sequence.sum() / max(totals.completions, 1)
         if self.loss_type == "dr_grpo":
-            return masked.sum() / (per_token.shape[0] * self.max_completion_length)
+            return masked.sum() / (max(totals.completions, 1) * self.max_completion_length)
         if self.loss_type == "dapo" and num_tokens is not None:
             return masked.sum() / num_tokens
-        return masked.sum() / mask.sum().clamp(min=1)
+        return masked.sum() / max(totals.tokens, 1.0)
 
     def _check_inputs(
         self,
@@ -209,6 +246,6 @@ class GRPOLoss(nn.Module):
                 raise ValueError(f"num_tokens must be > 0, got {num_tokens!r}")
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``[N, L]`` values over the valid tokens (0 when there are none)."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def _token_share(values: torch.Tensor, mask: torch.Tensor, tokens: float) -> torch.Tensor:
+    """Sum of ``[N, L]`` values over the valid tokens / the step's ``tokens``: the token mean's share."""
+    return (values * mask).sum() / tokens

@@ -83,6 +83,26 @@ class Rollout:
         )
 
 
+    def group_slices(self, completions_per_slice: int | None) -> list[Rollout]:
+        """The rollout cut into consecutive slices of whole groups, ``completions_per_slice``
+        completions each (a multiple of G; the last slice may hold fewer); ``[self]`` when None or
+        when everything fits in one slice. Slices share no tensors with each other's rows."""
+        if completions_per_slice is None or completions_per_slice >= self.num_completions:
+            return [self]
+        if completions_per_slice < 1 or completions_per_slice % self.group_size:
+            raise ValueError(
+                f"group_slices: {completions_per_slice!r} completions per slice is not a positive multiple "
+                f"of the group size {self.group_size}"
+            )
+        groups = completions_per_slice // self.group_size
+        slices = []
+        for start in range(0, self.num_prompts, groups):
+            keep = torch.zeros(self.num_prompts, dtype=torch.bool)
+            keep[start : start + groups] = True
+            slices.append(self.select_groups(keep))
+        return slices
+
+
 def select_prompts(prompt_inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Processor outputs for the prompts where ``keep`` [B] is True.
 

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pathvlm_lightning.backbone import Backbone
+from pathvlm_lightning.backbone.sharding import mixed_precision_policy
 
 
 class BackboneModule(pl.LightningModule):
@@ -35,10 +36,13 @@ class BackboneModule(pl.LightningModule):
         self._scheduler_factory = scheduler
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` shard the backbone with FSDP2 (``fully_shard``), once."""
+        """Under ``ModelParallelStrategy`` shard the backbone with FSDP2 (``fully_shard``), once, with
+        the trainer's precision as FSDP2's mixed-precision policy (``bf16-mixed``: bfloat16 gathers,
+        float32 gradient reduction; ``sharding.mixed_precision_policy``)."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ModelParallelStrategy) and not getattr(self, "_sharded", False):
-            self.backbone.apply_fully_shard(self.device_mesh["data_parallel"])
+            policy = mixed_precision_policy(self._trainer.precision)
+            self.backbone.apply_fully_shard(self.device_mesh["data_parallel"], policy)
             self._sharded = True
 
     def configure_optimizers(self) -> Any:

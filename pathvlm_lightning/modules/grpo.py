@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -11,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
 from pathvlm_lightning.grpo.advantages import group_advantages, zero_variance_groups
-from pathvlm_lightning.grpo.loss import GRPOLoss, LossType
+from pathvlm_lightning.grpo.loss import GRPOLoss, GRPOLossStats, LossType, StepTotals, sum_stats
 from pathvlm_lightning.grpo.rollout import Rollout
 from pathvlm_lightning.modules.base import BackboneModule
 from pathvlm_lightning.modules.evaluation import GenerationEvaluation
@@ -28,6 +29,19 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     steps; with 1 the old log-probs are the detached current ones and no extra forward is spent,
     with more the first pass's detached log-probs serve as the old policy's.
 
+    With ``micro_batch_size`` the policy and reference passes run over slices of whole groups (a
+    group's prompt stays in one pass) and gradients accumulate over the slices before the one
+    optimizer step; every loss normaliser (completions, tokens, dapo's global count) is counted over
+    the whole step, so loss, statistics and gradient equal the full batch's (``grpo/loss.py``).
+
+    A step where every group of every rank has zero-variance rewards (all advantages 0) teaches
+    nothing: it is skipped (no forward/backward, no scheduler step, weights and optimizer state
+    untouched), because AdamW would normalise the rounding noise (and the KL term's tiny gradient
+    near the reference) into a full-size update. It still counts as a ``global_step`` (the
+    optimizer is stepped with every gradient set to None, which torch's optimizers skip), so
+    ``max_steps`` bounds the rollouts and a run whose rewards never spread still ends.
+    ``groups/skipped_steps`` counts them over the run.
+
     Args:
         backbone: the policy (starts from the SFT stage's exported folder).
         optimizer / scheduler: injected factories; the scheduler steps once per optimizer step.
@@ -35,11 +49,14 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             the step's valid-token count summed over all data-parallel ranks.
         beta: k3 KL coefficient; 0 computes no reference log-probs at all.
         epsilon_low / epsilon_high: clip range of the ratio.
-        scale_rewards: advantage scaling, ``group`` (std of the group), ``batch`` or ``none``.
+        scale_rewards: advantage scaling, ``group`` (std of the group), ``batch`` (std of the global
+            batch, every data-parallel rank's rewards) or ``none``.
         num_iterations: optimizer steps per rollout (PPO-style reuse).
         drop_zero_variance_groups: train only on groups whose rewards differ (dynamic sampling);
             their advantages are 0 anyway, dropping them stops them diluting the loss.
         max_grad_norm: gradient clipping by global norm (null: none).
+        micro_batch_size: completions per policy/reference forward-backward (a multiple of the
+            rollout's G, so whole groups); null: the whole rollout in one pass.
         log_completions_every_n_steps: write a few sample completions to TensorBoard as text.
         eval_max_new_tokens / predictions_path: greedy ``test``/``predict``/``validate``.
     """
@@ -59,6 +76,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         num_iterations: int = 1,
         drop_zero_variance_groups: bool = False,
         max_grad_norm: float | None = 1.0,
+        micro_batch_size: int | None = None,
         log_completions_every_n_steps: int = 50,
         eval_max_new_tokens: int = 128,
         predictions_path: str | None = None,
@@ -68,21 +86,38 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             raise ValueError(f"GRPOModule: num_iterations must be >= 1, got {num_iterations!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"GRPOModule: max_grad_norm must be > 0 or null, got {max_grad_norm!r}")
+        if micro_batch_size is not None and not (isinstance(micro_batch_size, int) and micro_batch_size >= 1):
+            raise ValueError(
+                f"GRPOModule: micro_batch_size counts completions and must be an integer >= 1 or null, "
+                f"got {micro_batch_size!r}"
+            )
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         self.automatic_optimization = False
         self._init_evaluation(eval_max_new_tokens, predictions_path)
         self._loss_args = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta)
         self.loss_fn: GRPOLoss | None = None  # built in setup, once max_new_tokens is known
         self._chain: GRPOChain | None = None
+        self._skipped_steps = 0
 
     @property
     def needs_reference(self) -> bool:
         return self.hparams.beta > 0
 
+    @property
+    def micro_batch_size(self) -> int | None:
+        """Completions per log-prob pass (the reference callback slices the same way)."""
+        return self.hparams.micro_batch_size
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
         self._chain = find_chain(self.trainer.callbacks, needs_reference=self.needs_reference)
+        group_size = self._chain.rollout.num_generations
+        if self.micro_batch_size is not None and self.micro_batch_size % group_size:
+            raise ValueError(
+                f"GRPOModule: micro_batch_size={self.micro_batch_size} must be a multiple of the rollout's "
+                f"num_generations={group_size}, so that each group's prompt stays in one pass"
+            )
         self.loss_fn = GRPOLoss(**self._loss_args, max_completion_length=self._chain.rollout.max_new_tokens)
 
     # ---- the step -------------------------------------------------------------------------------
@@ -99,8 +134,25 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             rollout.extras.setdefault("scores", {})[reward.name] = scores
             rollout.rewards[reward.name] = scores * reward.weight
         total = rollout.total_reward()  # [B*G]
-        rollout.advantages = group_advantages(total, rollout.group_size, scale=self.hparams.scale_rewards)
+        scale = self.hparams.scale_rewards
+        batch_std = self._global_reward_std(total) if scale == "batch" else None
+        rollout.advantages = group_advantages(total, rollout.group_size, scale=scale, batch_std=batch_std)
         return rollout
+
+    def _global_reward_std(self, total: torch.Tensor) -> torch.Tensor:
+        """Unbiased std of the finite rewards [B*G] of every data-parallel rank (two all-reduces).
+
+        Two passes (global mean, then global sum of squared deviations) in float64, so one process
+        gets ``torch.std`` up to rounding and ranks with different reward counts are weighed right.
+        """
+        finite = total[torch.isfinite(total)].to(torch.float64)  # [n] on this rank
+        reduce = self.trainer.strategy.reduce
+        moments = torch.stack([finite.new_tensor(float(finite.numel())), finite.sum()])  # [2]: count, sum
+        count, summed = reduce(moments, reduce_op="sum").tolist()
+        if count < 2:
+            return total.new_zeros(())
+        squares = reduce(((finite - summed / count) ** 2).sum(), reduce_op="sum")  # []
+        return torch.sqrt(squares / (count - 1)).to(total.dtype)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         rollout = self.make_rollout(batch)
@@ -109,31 +161,32 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         train_rollout = rollout
         if self.hparams.drop_zero_variance_groups and bool((~zero_var).any()):
             train_rollout = rollout.select_groups(~zero_var)
+        skip = self._nothing_to_learn(zero_var)
+        self._skipped_steps += int(skip)
         self._log_rollout(rollout, total, zero_var, train_rollout)
-
         optimizer = self.optimizers()
+        if skip:
+            for _ in range(self.hparams.num_iterations):  # the step counter moves, nothing else
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+            return
+
         scheduler = self.lr_schedulers()
         dapo = self.hparams.loss_type == "dapo"
         num_tokens = self._dapo_num_tokens(train_rollout.completion_mask) if dapo else None
+        totals = StepTotals.of(train_rollout.completion_mask)  # the whole step's normalisers
+        parts = train_rollout.group_slices(self.micro_batch_size)
         for iteration in range(self.hparams.num_iterations):
-            logprobs = self.backbone.token_logprobs(
-                train_rollout.prompt_inputs,
-                train_rollout.completion_ids,
-                num_generations=train_rollout.group_size,
-                temperature=train_rollout.temperature,
-            )  # [N, L]
-            loss, stats = self.loss_fn(
-                logprobs,
-                train_rollout.advantages,
-                train_rollout.completion_mask,
-                old_logprobs=train_rollout.old_logprobs,
-                ref_logprobs=train_rollout.ref_logprobs,
-                num_tokens=num_tokens,
-            )
-            if iteration == 0 and self.hparams.num_iterations > 1:
-                train_rollout.old_logprobs = logprobs.detach()
             optimizer.zero_grad()
-            self.manual_backward(loss)
+            losses, stats = [], []
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1  # DDP all-reduces the summed gradients once, after it
+                with nullcontext() if last else self._no_gradient_sync():
+                    loss, part_stats, logprobs = self._accumulate(part, num_tokens, totals)
+                losses.append(loss)
+                stats.append(part_stats)
+                if iteration == 0 and self.hparams.num_iterations > 1:
+                    part.old_logprobs = logprobs
             if self.hparams.max_grad_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.parameters() if p.requires_grad], self.hparams.max_grad_norm
@@ -142,7 +195,45 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            self._log_loss(loss, stats)
+            self._log_loss(sum(losses), sum_stats(stats))
+
+    def _accumulate(
+        self, part: Rollout, num_tokens: float | None, totals: StepTotals
+    ) -> tuple[torch.Tensor, GRPOLossStats, torch.Tensor]:
+        """Forward-backward of one slice of whole groups: (its detached loss share, stats share,
+        detached log-probs [n, L])."""
+        logprobs = self.backbone.token_logprobs(
+            part.prompt_inputs, part.completion_ids, num_generations=part.group_size, temperature=part.temperature
+        )  # [n, L]
+        loss, stats = self.loss_fn(
+            logprobs,
+            part.advantages,
+            part.completion_mask,
+            old_logprobs=part.old_logprobs,
+            ref_logprobs=part.ref_logprobs,
+            num_tokens=num_tokens,
+            totals=totals,
+        )
+        self.manual_backward(loss)
+        return loss.detach(), stats, logprobs.detach()
+
+    def _no_gradient_sync(self) -> AbstractContextManager[Any]:
+        """DDP: accumulate this micro-batch's gradients locally (``no_sync``). FSDP2 keeps reducing
+        each micro-batch: its gradients are sharded, and skipping the reduce-scatter would hold
+        them unsharded until the last one."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else nullcontext()
+
+    def _nothing_to_learn(self, zero_var: torch.Tensor) -> bool:
+        """True when every group on every rank has zero-variance rewards (a collective: all ranks
+        decide the same, so they skip the step together and no gradient reduction is left waiting)."""
+        return self.trainer.strategy.reduce_boolean_decision(bool(zero_var.all()), all=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["grpo_skipped_steps"] = self._skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._skipped_steps = int(checkpoint.get("grpo_skipped_steps", 0))
 
     def _dapo_num_tokens(self, mask: torch.Tensor) -> float:
         """dapo's normaliser: valid tokens of this step on all ranks / world size (a collective).
@@ -171,6 +262,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.log("completion/truncated_frac", rollout.truncated.float().mean(), **log)
         self.log("groups/zero_variance_frac", zero_var.float().mean(), **log)
         self.log("groups/trained_frac", trained.num_prompts / rollout.num_prompts, **log)
+        self.log("groups/skipped_steps", float(self._skipped_steps), reduce_fx="max", **log)
         self.log("rollout/tokens_per_s", lengths.sum() / max(rollout.generation_seconds, 1e-9), **log)
         for reward in self._chain.rewards:
             for key, value in reward.metrics().items():

@@ -18,7 +18,12 @@ class SFTModule(GenerationEvaluation, BackboneModule):
     """Next-token loss on the assistant reply ``<think>...</think><answer>X) ...</answer>``.
 
     Labels come masked from the collator (prompt and padding are -100), so the loss covers only the
-    reply. ``test``/``predict`` answer with greedy decoding (see ``modules/evaluation.py``).
+    reply. The training loss is the mean over every label token of the global batch: each rank sums
+    its token losses and divides by the label tokens of all ranks / world size (one all-reduce), so
+    after DDP/FSDP average the ranks' gradients every token weighs the same, as on one process
+    (a rank-local mean would weigh the tokens of a rank with shorter replies more). With
+    ``accumulate_grad_batches`` the normaliser is still per micro-batch. ``test``/``predict``
+    answer with greedy decoding (see ``modules/evaluation.py``).
 
     Args:
         backbone: the Qwen2.5-VL wrapper.
@@ -43,12 +48,22 @@ class SFTModule(GenerationEvaluation, BackboneModule):
         self._init_evaluation(eval_max_new_tokens, predictions_path)
         self._last_batch_end: float | None = None
 
-    def _loss(self, batch: dict) -> torch.Tensor:
-        out = self.backbone(**{k: batch[k] for k in _MODEL_KEYS if k in batch})
-        return out.loss
+    def _loss(self, batch: dict, num_label_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token-mean loss; with ``num_label_tokens``, the token-loss sum divided by it instead
+        (transformers' ``num_items_in_batch``)."""
+        inputs = {k: batch[k] for k in _MODEL_KEYS if k in batch}
+        if num_label_tokens is not None:
+            inputs["num_items_in_batch"] = num_label_tokens
+        return self.backbone(**inputs).loss
+
+    def _global_label_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label tokens [] of this step on all ranks / world size (a collective)."""
+        local = (labels[:, 1:] != -100).sum().to(device=self.device, dtype=torch.float32)  # predicted tokens
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        return (total / self.trainer.world_size).clamp(min=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self._loss(batch, self._global_label_tokens(batch["labels"]))
         n = len(batch["records"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
