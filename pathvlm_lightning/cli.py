@@ -143,8 +143,10 @@ def _cli(cls: type[PathVLMCLI], args: list[str] | None, run: bool, **parser_kwar
     import pathvlm_lightning.modules  # noqa: F401  (registers the modules for class_path shorthands)
 
     quiet_handled_warnings()
-    # Field docstrings of config dataclasses (e.g. JudgeConfig) become their --help text.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # Field docstrings of config dataclasses (e.g. JudgeConfig) become their --help text. A config's
+    # ${run_dir} names the top of that file, which under a subcommand (fit, test) is one level down:
+    # jsonargparse rewrites such references relative to where they stand when it loads the file.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, omegaconf_absolute_to_relative_paths=True)
     expanded = expand_bases(sys.argv[1:] if args is None else args)
     with warnings.catch_warnings():
         # LightningCLI warns when args are given while sys.argv holds others: the expanded bases differ on purpose.
