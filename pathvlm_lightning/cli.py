@@ -94,7 +94,7 @@ class _Parsed(Exception):  # noqa: N818  (not an error: carries the parsed confi
 class _ParseOnlyCLI(PathVLMCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        raise _Parsed(yaml.safe_load(parser.dump(self.config, skip_validation=True)))
+        raise _Parsed(yaml.safe_load(parser.dump(self.config, skip_validation=True, skip_none=False)))
 
 
 def expand_bases(args: list[str]) -> list[str]:
@@ -105,15 +105,21 @@ def expand_bases(args: list[str]) -> list[str]:
     i = 0
     while i < len(args):
         if args[i] in _CONFIG_FLAGS and i + 1 < len(args):
-            out += _with_bases(args[i + 1], ())
+            out += _spent(_with_bases(args[i + 1], ()))
             i += 2
             continue
         if args[i].startswith("--config="):
-            out += _with_bases(args[i].split("=", 1)[1], ())
+            out += _spent(_with_bases(args[i].split("=", 1)[1], ()))
         else:
             out.append(args[i])
         i += 1
     return out
+
+
+def _spent(configs: list[str]) -> list[str]:
+    """Once read, a config's ``base`` is cleared: the saved and printed config (already complete) must
+    not name files relative to where it no longer is."""
+    return configs if len(configs) == 2 else [*configs, "--base", "null"]
 
 
 def _with_bases(path: str, chain: tuple[Path, ...]) -> list[str]:

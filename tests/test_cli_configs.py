@@ -142,7 +142,7 @@ def test_bases_are_read_first_and_their_errors_name_the_file(tmp_path: Path) -> 
     (tmp_path / "c.yaml").write_text("base: [sub/b.yaml]\n")
     assert expand_bases(["fit", "--config", str(tmp_path / "c.yaml"), "--x=1"]) == [
         "fit", "--config", str(tmp_path / "sub" / ".." / "a.yaml"), "--config", str(tmp_path / "sub" / "b.yaml"),
-        "--config", str(tmp_path / "c.yaml"), "--x=1",
+        "--config", str(tmp_path / "c.yaml"), "--base", "null", "--x=1",
     ]  # fmt: skip
     (tmp_path / "a.yaml").write_text("base: c.yaml\n")
     with pytest.raises(ConfigBaseError, match="bases lead back to it"):
