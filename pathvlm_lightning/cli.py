@@ -14,6 +14,7 @@ file and flag is merged, so ``--run_dir elsewhere`` moves every path built from 
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,10 @@ class PathVLMCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, ExportCallback):
                     callback.overwrite = True
+        configured = self.config.fit.trainer.callbacks or []
+        configured = configured if isinstance(configured, list) else [configured]
         bar = self.trainer.progress_bar_callback
-        if type(bar) is RichProgressBar and bar not in (self.config_init.fit.trainer.callbacks or []):
+        if type(bar) is RichProgressBar and not any(str(c.class_path).endswith("RichProgressBar") for c in configured):
             # Lightning's default bar (none was configured): the same bar, with a right epoch display.
             self.trainer.callbacks[self.trainer.callbacks.index(bar)] = EpochProgressBar()
 
@@ -143,8 +146,6 @@ def _with_bases(path: str, chain: tuple[Path, ...]) -> list[str]:
 
 
 def _cli(cls: type[PathVLMCLI], args: list[str] | None, run: bool, **parser_kwargs: Any) -> PathVLMCLI:
-    import sys
-
     import pathvlm_lightning.data  # noqa: F401
     import pathvlm_lightning.modules  # noqa: F401  (registers the modules for class_path shorthands)
 

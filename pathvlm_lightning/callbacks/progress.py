@@ -60,7 +60,7 @@ def progress_line(
 
 
 class ProgressLog(Callback):
-    """Print :func:`progress_line` every ``every_n_steps`` optimizer steps of ``fit`` (0: never).
+    """Print :func:`progress_line` every ``every_n_steps`` optimizer steps of ``fit`` and at its end (0: never).
 
     Only when stdout is not a terminal, unless ``on_terminal`` (a terminal has the progress bar);
     only on global rank 0. Seconds per step are measured from the fit's first step in this process,
@@ -85,10 +85,16 @@ class ProgressLog(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if not self._active or step == self._last_step or step % self.every_n_steps:
-            return
-        self._last_step = step
+        if self._active and trainer.global_step != self._last_step and trainer.global_step % self.every_n_steps == 0:
+            self._print(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active and trainer.global_step != self._last_step:  # the last step, when it fell between lines
+            self._print(trainer)
+
+    def _print(self, trainer: pl.Trainer) -> None:
+        step = self._last_step = trainer.global_step
         started, first_step = self._start
         done = step - first_step
         rate = (time.monotonic() - started) / done if done > 0 else None
