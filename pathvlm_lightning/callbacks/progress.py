@@ -65,6 +65,10 @@ class ProgressLog(Callback):
     Only when stdout is not a terminal, unless ``on_terminal`` (a terminal has the progress bar);
     only on global rank 0. Seconds per step are measured from the fit's first step in this process,
     so a resumed fit's rate excludes the time before it resumed.
+
+    Args:
+        every_n_steps: print a line every this many optimizer steps (0: no lines).
+        on_terminal: print the lines on a terminal too (by default only when stdout is a file or pipe).
     """
 
     def __init__(self, every_n_steps: int = 10, on_terminal: bool = False) -> None:
