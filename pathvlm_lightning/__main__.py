@@ -18,9 +18,14 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(code)
     if given[:1] in (["-h"], ["--help"]):  # LightningCLI's help lists only its own subcommands
         print(f"Also: {', '.join(COMMANDS)} (python -m pathvlm_lightning infer --help)\n")
-    from pathvlm_lightning.cli import main
+    from omegaconf.errors import OmegaConfBaseException
 
-    main(argv)
+    from pathvlm_lightning.cli import ConfigBaseError, main
+
+    try:
+        main(argv)
+    except (ConfigBaseError, OmegaConfBaseException) as error:  # a base or a ${...} that cannot be resolved
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Reading a stage's LightningCLI YAML as plain data, without building anything.
+"""Reading a stage's LightningCLI config as plain data, without building anything.
 
 The pipeline plan (which folders a stage writes, which model it starts from), the export command and
 the model card all look into the same config; these helpers are the one place that knows its shape
-(``class_path``/``init_args`` nodes, ``trainer.callbacks`` as a list or a single node).
+(``class_path``/``init_args`` nodes, ``trainer.callbacks`` as a list or a single node). A stage file
+is read as the CLI reads it (:func:`pathvlm_lightning.cli.parse_config`): its ``base:`` files
+first, ``${run_dir}`` resolved, defaults filled in, so what is read here is what a fit runs with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,27 @@ class StageConfigError(ValueError):
     """A file that is not a readable stage config; the message names it."""
 
 
-def read_stage_yaml(path: str | Path) -> dict[str, Any]:
-    """The stage YAML as a dict: a mapping with a ``model`` section."""
+def read_stage_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The resolved config of the stage file ``path`` (plus CLI ``overrides``) as a dict with a ``model`` section."""
+    from jsonargparse import ArgumentError
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pathvlm_lightning.cli import ConfigBaseError, parse_config
+
+    if not Path(path).is_file():
+        raise StageConfigError(f"{path}: no such stage config")
     try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise StageConfigError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(config, dict) or "model" not in config:
-        raise StageConfigError(f"{path}: not a stage config (a YAML mapping with a 'model' section)")
+    if not isinstance(raw, dict):
+        raise StageConfigError(f"{path}: not a stage config (a YAML mapping)")
+    try:
+        config = parse_config(["--config", str(path), *overrides])
+    except (ArgumentError, ConfigBaseError, OmegaConfBaseException) as error:
+        raise StageConfigError(f"{path}: not a valid stage config: {error}") from None
+    if not isinstance(config.get("model"), Mapping):
+        raise StageConfigError(f"{path}: not a stage config (it and its bases set no 'model' section)")
     return config
 
 

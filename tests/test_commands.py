@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
@@ -28,6 +27,7 @@ from pathvlm_lightning.commands.checkpoint import load_stage_module
 from pathvlm_lightning.commands.model_card import model_card, stage_metrics
 from pathvlm_lightning.data.collate import PromptCollator
 from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.stage_config import read_stage_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Which stain is this?"
@@ -163,7 +163,7 @@ def test_export_loads_in_transformers_and_answers_like_the_checkpoint(stage, tmp
 
 
 def test_model_card_of_a_grpo_stage_lists_its_settings_and_no_secrets():
-    config = yaml.safe_load((REPO / "configs" / "demo" / "grpo_process.yaml").read_text())
+    config = read_stage_yaml(REPO / "configs" / "demo" / "grpo_process.yaml")  # resolved: its base's callbacks too
     config["trainer"]["callbacks"].append(
         {
             "class_path": "pathvlm_lightning.callbacks.ProcessReward",

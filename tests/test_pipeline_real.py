@@ -1,6 +1,6 @@
 """The pipeline runner end to end through the real CLI, on a 2-stage toy chain (SFT 2 steps -> GRPO 2
-steps) on a small embedded set: every command it builds must run, the report must come out of the
-saved predictions, and a second run must launch nothing."""
+steps) on a small embedded set, each stage a small overlay of a shipped demo stage: every command it
+builds must run, the report must come out of the saved predictions, and a second run must launch nothing."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from PIL import Image
 from pathvlm_lightning.pipeline import PipelineRunner, load_plan
 from pathvlm_lightning.pipeline.runner import subprocess_launcher
 from pathvlm_lightning.pipeline.tables import write_pipeline_report
+from pathvlm_lightning.stage_config import read_stage_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -24,17 +25,18 @@ SMALL = {
 
 
 def _small_config(source: str, target: Path) -> None:
-    config = yaml.safe_load((REPO / source).read_text())
-    trainer = config["trainer"]
-    trainer.pop("max_epochs", None)
-    trainer.update(max_steps=2, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
-    trainer.pop("val_check_interval", None)
-    for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"].pop("every_n_train_steps", None)
-        if callback["class_path"].endswith("RolloutCallback"):
-            callback["init_args"].update(num_generations=2, max_new_tokens=8)
-    config["data"]["init_args"].update(SMALL)
+    """An overlay of the shipped stage ``source`` (its ``base:``) that trains 2 steps on a small set."""
+    config = {
+        "base": str(REPO / source),
+        "trainer": {"max_steps": 2, "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
+                    "log_every_n_steps": 1},
+        "data": {"init_args": SMALL},
+    }  # fmt: skip
+    callbacks = read_stage_yaml(REPO / source)["trainer"]["callbacks"]
+    rollouts = [c for c in callbacks if c["class_path"].endswith("RolloutCallback")]
+    if rollouts:  # a list is replaced as a whole: the shipped one with a smaller rollout
+        rollouts[0]["init_args"].update(num_generations=2, max_new_tokens=8)
+        config["trainer"]["callbacks"] = callbacks
     target.write_text(yaml.safe_dump(config, sort_keys=False))
 
 

@@ -31,6 +31,7 @@ def _config(tmp: Path, name: str, module: str, start: str) -> Path:
             "class_path": f"pathvlm_lightning.modules.{module}",
             "init_args": {"backbone": {"class_path": "pathvlm_lightning.backbone.Backbone", "init_args": {"model": start}}},
         },
+        "data": {"class_path": "pathvlm_lightning.data.VQADataModule", "init_args": {"data_path": "embedded"}},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))

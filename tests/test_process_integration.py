@@ -25,11 +25,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pathvlm_lightning.callbacks import ProcessReward, ReferenceModelCallback, RubricProcessReward
-from pathvlm_lightning.cli import PathVLMCLI, main
+from pathvlm_lightning.cli import PathVLMCLI, expand_bases, main
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.synthetic import generate_dataset
 from pathvlm_lightning.eval import judge_consistency
 from pathvlm_lightning.rewards.judge import FAULTS, JudgeClient, JudgeConfig, JudgeItem
+from pathvlm_lightning.stage_config import read_stage_yaml
 from tests.judge_server import JUDGE_KEY_ENV, JudgeServer, Scripted, scores_reply
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ class ReferenceWindow:
 def demo_overrides(records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Run the demo config from ``tmp_path`` (its relative run folders land there) on the tiny model
     and a tiny split; the rollout is shrunk in a copy of the YAML (list entries have no CLI path)."""
-    config = yaml.safe_load(DEMO.read_text())
+    config = read_stage_yaml(DEMO)  # resolved: with its base's callbacks
     rollout = config["trainer"]["callbacks"][0]
     assert rollout["class_path"].endswith("RolloutCallback")
     rollout["init_args"].update(num_generations=2, max_new_tokens=8)
@@ -242,8 +243,8 @@ def demo_overrides(records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("stage3, stage2", [("demo/grpo_process", "demo/grpo"), ("grpo_process", "grpo")])
 def test_stage_3_config_starts_from_the_stage_2_export(stage3: str, stage2: str):
-    third = yaml.safe_load((REPO / "configs" / f"{stage3}.yaml").read_text())
-    second = yaml.safe_load((REPO / "configs" / f"{stage2}.yaml").read_text())
+    third = read_stage_yaml(REPO / "configs" / f"{stage3}.yaml")
+    second = read_stage_yaml(REPO / "configs" / f"{stage2}.yaml")
     exported = [c for c in second["trainer"]["callbacks"] if c["class_path"].endswith("ExportCallback")]
     assert third["model"]["init_args"]["backbone"]["init_args"]["model"] == exported[0]["init_args"]["dirpath"]
     assert third["data"]["init_args"] == second["data"]["init_args"]  # the same split, the same RL questions
@@ -386,7 +387,8 @@ class ParseOnly(PathVLMCLI):
 def test_paper_scale_config_parses_with_the_gpt4o_judge():
     cli = ParseOnly(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=["--config", str(REPO / "configs" / "grpo_process.yaml")], run=False,
+        args=expand_bases(["--config", str(REPO / "configs" / "grpo_process.yaml")]), run=False,
+        parser_kwargs={"parser_mode": "omegaconf+"},
     )
     config = cli.config
     rollout, *_, process = config.trainer.callbacks

@@ -19,12 +19,28 @@ class ExportCallback(Callback):
     The next stage of a pipeline points its ``backbone.model`` at this folder. Replicated weights
     (one process, DDP) are written by rank 0. A sharded model (FSDP2, or Lightning's FSDP1
     strategy) is first gathered by all ranks into a plain copy on rank 0's CPU, which rank 0 writes.
+
+    A fit refuses to start when ``dirpath`` already holds a finished export (its ``config.json``),
+    unless ``overwrite`` (``--overwrite_export`` on the command line): a trial run with a reused
+    ``run_dir`` must not silently replace a trained model. An interrupted fit has no export yet, so
+    resuming it with ``--ckpt_path`` needs nothing more.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, overwrite: bool = False) -> None:
         if not dirpath:
             raise ValueError(f"ExportCallback: dirpath must be a folder path, got {dirpath!r}")
         self.dirpath = dirpath
+        self.overwrite = overwrite
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        finished = Path(self.dirpath) / "config.json"
+        if stage == "fit" and finished.is_file() and not self.overwrite:
+            raise FileExistsError(
+                f"ExportCallback: {self.dirpath} already holds a finished export ({finished}); this fit would "
+                "replace it. Give the run another --run_dir, or pass --overwrite_export true to replace it "
+                "(an interrupted run has no export yet: resume it with --ckpt_path <run_dir>/checkpoints/last.ckpt)."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

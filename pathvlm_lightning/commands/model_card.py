@@ -134,7 +134,8 @@ def _hyperparameters(config: dict[str, Any], module: dict[str, Any]) -> list[tup
         lora = init_args(backbone["lora"])
         rows.append(("LoRA", ", ".join(f"{k}={lora[k]}" for k in ("r", "alpha") if k in lora) or "on"))
     trainer = config.get("trainer", {}) or {}
-    rows += [(name, str(trainer[name])) for name in ("max_epochs", "max_steps", "precision") if name in trainer]
+    unset = (None, -1)  # a resolved config holds every Trainer default; -1 and None mean "no limit" / "default"
+    rows += [(name, str(trainer[name])) for name in ("max_epochs", "max_steps", "precision") if trainer.get(name) not in unset]
     data = init_args(config.get("data", {}))
     rows += [(name, str(data[name])) for name in ("batch_size",) if name in data]
     if "loss_type" in module or "GRPO" in rows[0][1]:

@@ -1,15 +1,17 @@
 """A pipeline plan: which stages to train, from which stage each starts, and what to compare.
 
 A plan is a small YAML file (``configs/demo/pipeline.yaml``, ``configs/pipeline.yaml``). Each stage
-names the LightningCLI config that trains it; everything else the runner needs (where the stage
-exports its model, where its checkpoints and TensorBoard logs go, which model it starts from) is read
-from that config, so the plan cannot drift from the configs a user also runs by hand. ``needs`` names
-the stage whose export the config must start from; the plan refuses a config that starts elsewhere.
+names the LightningCLI config that trains it (a stage overlay whose ``base:`` files the CLI reads
+first); everything else the runner needs (where the stage exports its model, where its checkpoints
+and TensorBoard logs go, which model it starts from) is read from that config as the CLI resolves it
+(bases, ``${run_dir}``), so the plan cannot drift from the configs a user also runs by hand. ``needs``
+names the stage whose export the config must start from; the plan refuses a config that starts elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,8 @@ class StageConfigInfo:
     export_dir: str | None  # ExportCallback dirpath
     checkpoint_dir: str | None  # ModelCheckpoint dirpath
     tensorboard_dir: str | None  # TensorBoardLogger save_dir/name
+    data_path: str | None  # data.init_args.data_path
+    digest: str  # sha256 of the resolved config: a changed stage file, base or data file makes outputs stale
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,9 @@ class Stage:
     info: StageConfigInfo | None = None
 
     def config_digest(self) -> str:
-        """sha256 of the config file's bytes: a changed config makes the stage's outputs stale."""
-        return hashlib.sha256(Path(self.config).read_bytes()).hexdigest()
+        """sha256 of the resolved config (the stage file with its bases): a change makes its outputs stale."""
+        assert self.info is not None
+        return self.info.digest
 
     @property
     def evaluated_model(self) -> str:
@@ -87,7 +92,7 @@ class Plan:
 
 
 def read_stage_config(path: str) -> StageConfigInfo:
-    """Pull kind, start model and output folders out of a LightningCLI stage config."""
+    """Pull kind, start model and output folders out of a LightningCLI stage config, as the CLI resolves it."""
     if not Path(path).is_file():
         raise PlanError(f"stage config {path!r} does not exist")
     try:
@@ -114,6 +119,8 @@ def read_stage_config(path: str) -> StageConfigInfo:
         dirpaths.get("ExportCallback"),
         dirpaths.get("ModelCheckpoint"),
         tensorboard_dir,
+        init_args(config.get("data")).get("data_path"),
+        hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
     )
 
 

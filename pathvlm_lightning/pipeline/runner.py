@@ -136,7 +136,7 @@ class PipelineRunner:
             if done.get("config_sha256") != digest:
                 raise PlanError(
                     f"stage {stage.name!r}: {stage.config} changed since its model was trained; "
-                    f"pass --rerun {stage.name} to train it again"
+                    f"pass --rerun {stage.name} to train it again (the check covers the files it names as base)"
                 )
             if done.get("upstream") != upstream_id:
                 raise PlanError(
@@ -145,8 +145,9 @@ class PipelineRunner:
                 )
             self.echo(f"[{stage.name}] fit: done before, skipped ({export})")
             return
-        if done is None and (export / "config.json").is_file() and self._last_checkpoint(stage) is None:
-            # An export made by running the same config by hand (e.g. examples/demo.sh): adopt it.
+        if done is None and (export / "config.json").is_file():
+            # An export made by running the same config by hand (e.g. examples/demo.sh): a finished fit
+            # (ExportCallback writes only then, and refuses to overwrite it), so adopt it.
             self.echo(f"[{stage.name}] fit: adopting the existing export {export} (made outside the runner)")
             state.set_step("fit", {"config_sha256": digest, "upstream": upstream_id, "adopted": True, "finished_at": "adopted"})
             state.save()
