@@ -67,6 +67,7 @@ def main() -> None:
         scale_rewards="group",
         num_iterations=1,
         max_grad_norm=settings.max_grad_norm,
+        skip_zero_advantage_steps=False,  # TRL steps on every rollout: the same work on both sides
         log_completions_every_n_steps=0,
     )
     lockstep = _LockstepCallback(gate)

@@ -169,6 +169,7 @@ def grpo_steps(backbone: Backbone, records_path: Path, group: int, steps: int, l
         optimizer=partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0),
         loss_type="grpo",
         beta=0.04,
+        skip_zero_advantage_steps=False,  # a random model's rewards rarely vary: measure the full step
         log_completions_every_n_steps=0,
     )
     clock = _StepClock()

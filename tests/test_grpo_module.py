@@ -378,3 +378,17 @@ def test_resumed_fit_keeps_the_starting_weights_as_reference(tmp_path: Path) -> 
     assert trainer.global_step == 3
     assert all(torch.equal(p, before[n]) for n, p in parameters(reference._reference).items())
     assert changed_names(module, before)  # the policy is the resumed (trained) one
+
+
+def test_zero_advantage_steps_run_when_skipping_is_off(tmp_path: Path) -> None:
+    # skip_zero_advantage_steps=False (the benchmarks' setting, so both sides of a comparison do the
+    # same work): the same uniform rewards now go through the loss and the optimizer, which moves
+    # the weights (AdamW normalises the tiny gradient into a full-size step).
+    module, trainer, memory, before = grpo_fit(
+        tmp_path, [rollout_callback(), ConstantReward(), ReferenceModelCallback()], max_steps=2, beta=0.04,
+        skip_zero_advantage_steps=False,
+    )  # fmt: skip
+    after = parameters(module.backbone)
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+    assert [m["groups/skipped_steps"] for _, m in memory.history] == [0.0, 0.0]
+    assert all(math.isfinite(m["train/loss"]) for _, m in memory.history)

@@ -24,6 +24,7 @@ PROGRESS_METRICS = (
     ("reward", "reward/total_mean"),
     ("accuracy", "reward/accuracy"),
     ("kl", "train/kl"),
+    ("skipped", "groups/skipped_steps"),  # GRPO steps with no reward variance anywhere: no optimizer step
 )
 
 

@@ -57,6 +57,8 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         max_grad_norm: gradient clipping by global norm (null: none).
         micro_batch_size: completions per policy/reference forward-backward (a multiple of the
             rollout's G, so whole groups); null: the whole rollout in one pass.
+        skip_zero_advantage_steps: skip steps with nothing to learn (above); ``false`` runs them like
+            any other step (the benchmarks do, so both sides of a comparison do the same work).
         log_completions_every_n_steps: write a few sample completions to TensorBoard as text.
         eval_max_new_tokens / predictions_path: greedy ``test``/``predict``/``validate``.
     """
@@ -77,6 +79,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         drop_zero_variance_groups: bool = False,
         max_grad_norm: float | None = 1.0,
         micro_batch_size: int | None = None,
+        skip_zero_advantage_steps: bool = True,
         log_completions_every_n_steps: int = 50,
         eval_max_new_tokens: int = 128,
         predictions_path: str | None = None,
@@ -227,6 +230,8 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     def _nothing_to_learn(self, zero_var: torch.Tensor) -> bool:
         """True when every group on every rank has zero-variance rewards (a collective: all ranks
         decide the same, so they skip the step together and no gradient reduction is left waiting)."""
+        if not self.hparams.skip_zero_advantage_steps:
+            return False
         return self.trainer.strategy.reduce_boolean_decision(bool(zero_var.all()), all=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
