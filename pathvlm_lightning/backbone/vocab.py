@@ -26,6 +26,7 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from pathvlm_lightning.backbone.tiny import (
     QWEN_SPECIAL_TOKENS,
+    TINY_CHAT_TEMPLATE,
     TinyQwenVLProcessor,
     build_tiny_image_processor,
 )
@@ -44,18 +45,8 @@ QWEN3_5_PATTERN = (
 # Qwen2.5-VL-style ChatML: a default system turn when the conversation opens without one, images as
 # <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad to the image's tokens).
 QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if messages and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}" + TINY_CHAT_TEMPLATE
 )
 
 

