@@ -226,10 +226,14 @@ _SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies over (time, height, width) like Qwen's 16/24/24 of 64."""
-    half = head_dim // 2
-    time = half // 4
+def mrope_section(rotary_dim: int, time_share: int = 4) -> list[int]:
+    """Split ``rotary_dim / 2`` frequencies over (time, height, width) like Qwen's 16/24/24 of 64.
+
+    >>> mrope_section(32)
+    [4, 6, 6]
+    """
+    half = rotary_dim // 2
+    time = half // time_share
     height = (half - time) // 2
     return [time, height, half - time - height]
 
@@ -254,7 +258,7 @@ def build_tiny_config(
         "num_attention_heads": s["heads"],
         "num_key_value_heads": s["kv_heads"],
         "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(head_dim)},
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],

@@ -20,6 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from pathvlm_lightning.backbone.tiny import mrope_section  # noqa: F401  (re-exported for the adapters)
 from pathvlm_lightning.backbone.vocab import VocabSpec
 
 
@@ -136,13 +137,22 @@ def vision_ids(ids: dict[str, int]) -> dict[str, int]:
     }
 
 
-def mrope_section(rotary_dim: int, time_share: int = 4) -> list[int]:
-    """Split ``rotary_dim / 2`` frequencies over (time, height, width) like Qwen's 16/24/24 of 64.
-
-    >>> mrope_section(32)
-    [4, 6, 6]
-    """
-    half = rotary_dim // 2
-    time = half // time_share
-    height = (half - time) // 2
-    return [time, height, half - time - height]
+def twin_text_config(
+    size: TwinSize, vocab_size: int, ids: dict[str, int], rope: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """The text half of a twin's config: ``size``'s widths, ``vocab_size`` rows, ``ids``' special ids
+    (:func:`special_ids`), default rotary parameters updated with ``rope``, then ``extra`` keys."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": size.hidden,
+        "intermediate_size": size.ffn,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, **rope},
+        "bos_token_id": ids["pad"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
+        **extra,
+    }

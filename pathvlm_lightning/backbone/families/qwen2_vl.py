@@ -6,7 +6,14 @@ from typing import Any
 
 from transformers import PretrainedConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-from pathvlm_lightning.backbone.families.base import Family, TwinSize, mrope_section, special_ids, vision_ids
+from pathvlm_lightning.backbone.families.base import (
+    Family,
+    TwinSize,
+    mrope_section,
+    special_ids,
+    twin_text_config,
+    vision_ids,
+)
 from pathvlm_lightning.backbone.vocab import VocabSpec, qwen2_5_vl_spec
 
 
@@ -29,23 +36,7 @@ class Qwen2_VL(Family):
     def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         ids = special_ids(tokenizer)
         head_dim = size.hidden // size.heads
-        text_config = {
-            "vocab_size": vocab_size,
-            "hidden_size": size.hidden,
-            "intermediate_size": size.ffn,
-            "num_hidden_layers": size.layers,
-            "num_attention_heads": size.heads,
-            "num_key_value_heads": size.kv_heads,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": mrope_section(head_dim),
-            },
-            "bos_token_id": ids["pad"],
-            "eos_token_id": ids["eos"],
-            "pad_token_id": ids["pad"],
-        }
+        text_config = twin_text_config(size, vocab_size, ids, {"mrope_section": mrope_section(head_dim)})
         vision_config = {
             "depth": size.v_depth,
             "embed_dim": size.v_hidden,

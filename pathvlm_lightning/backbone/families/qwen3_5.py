@@ -15,7 +15,7 @@ import torch
 from transformers import PretrainedConfig, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
-from pathvlm_lightning.backbone.families.base import Family, TwinSize, special_ids, vision_ids
+from pathvlm_lightning.backbone.families.base import Family, TwinSize, special_ids, twin_text_config, vision_ids
 from pathvlm_lightning.backbone.families.qwen3_vl import TinyQwen3VLProcessor
 from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
 from pathvlm_lightning.backbone.vocab import QWEN3_5_PATTERN, VocabSpec, packaged_ranks
@@ -80,32 +80,24 @@ class Qwen3_5(Family):
     def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         ids = special_ids(tokenizer)
         head_dim = 2 * size.hidden // size.heads  # Qwen3.5 attention heads are wider than hidden / heads
-        text_config = {
-            "vocab_size": vocab_size,
-            "hidden_size": size.hidden,
-            "intermediate_size": size.ffn,
-            "num_hidden_layers": size.layers,
-            "layer_types": ["linear_attention"] * (size.layers - 1) + ["full_attention"],
-            "num_attention_heads": size.heads,
-            "num_key_value_heads": size.kv_heads,
-            "head_dim": head_dim,
-            "linear_conv_kernel_dim": 4,
-            "linear_key_head_dim": head_dim // 2,
-            "linear_value_head_dim": head_dim // 2,
-            "linear_num_key_heads": size.kv_heads,
-            "linear_num_value_heads": size.heads,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "partial_rotary_factor": 0.25,  # rotary on a quarter of each head: 16 of 64 dims
-                "mrope_section": [3, 3, 2],  # Qwen3.5: 11/11/10 of 32
-                "mrope_interleaved": True,
-            },
-            "bos_token_id": ids["pad"],
-            "eos_token_id": ids["eos"],
-            "pad_token_id": ids["pad"],
+        rope = {
+            "partial_rotary_factor": 0.25,  # rotary on a quarter of each head: 16 of 64 dims
+            "mrope_section": [3, 3, 2],  # Qwen3.5: 11/11/10 of 32
+            "mrope_interleaved": True,
         }
+        text_config = twin_text_config(
+            size,
+            vocab_size,
+            ids,
+            rope,
+            layer_types=["linear_attention"] * (size.layers - 1) + ["full_attention"],
+            head_dim=head_dim,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=head_dim // 2,
+            linear_value_head_dim=head_dim // 2,
+            linear_num_key_heads=size.kv_heads,
+            linear_num_value_heads=size.heads,
+        )
         vision_config = {
             "depth": size.v_depth,
             "hidden_size": size.v_hidden,

@@ -13,7 +13,14 @@ from typing import Any
 from transformers import PretrainedConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from pathvlm_lightning.backbone.families.base import Family, TwinSize, mrope_section, special_ids, vision_ids
+from pathvlm_lightning.backbone.families.base import (
+    Family,
+    TwinSize,
+    mrope_section,
+    special_ids,
+    twin_text_config,
+    vision_ids,
+)
 from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
 from pathvlm_lightning.backbone.vocab import QWEN2_PATTERN, VocabSpec, packaged_ranks
 
@@ -67,25 +74,8 @@ class Qwen3_VL(Family):
     def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         ids = special_ids(tokenizer)
         head_dim = size.hidden // size.heads
-        text_config = {
-            "vocab_size": vocab_size,
-            "hidden_size": size.hidden,
-            "intermediate_size": size.ffn,
-            "num_hidden_layers": size.layers,
-            "num_attention_heads": size.heads,
-            "num_key_value_heads": size.kv_heads,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": mrope_section(head_dim, time_share=3),  # Qwen3-VL: 24/20/20 of 64
-                "mrope_interleaved": True,
-            },
-            "bos_token_id": ids["pad"],
-            "eos_token_id": ids["eos"],
-            "pad_token_id": ids["pad"],
-        }
+        rope = {"mrope_section": mrope_section(head_dim, time_share=3), "mrope_interleaved": True}  # 24/20/20 of 64
+        text_config = twin_text_config(size, vocab_size, ids, rope, head_dim=head_dim)
         vision_config = {
             "depth": size.v_depth,
             "hidden_size": size.v_hidden,
