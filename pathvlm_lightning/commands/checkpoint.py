@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,9 +53,7 @@ def load_stage_module(
         args.append(f"--model.init_args.backbone.init_args.model={base_model}")
     if dtype is not None:
         args.append(f"--model.init_args.backbone.init_args.dtype={dtype}")
-    with warnings.catch_warnings(), _quiet("lightning.pytorch", "lightning.fabric"):
-        # LightningCLI warns when args are given while sys.argv holds others: here they are meant to differ.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    with _quiet("lightning.pytorch", "lightning.fabric"):  # cli.main itself silences the args-parameter warning
         module = main(args=args, run=False).model  # the throwaway trainer's banner is not logged
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
