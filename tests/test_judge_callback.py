@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,14 +106,22 @@ def test_score_without_begin_still_scores(judge_server, judge_key, tmp_path):
 
 def test_begin_returns_before_the_judge_answers(judge_server, judge_key, tmp_path):
     """The module's reference forward runs between begin and score: begin must not wait."""
-    judge_server.responder = lambda body: scores_reply(1, 1, delay=0.5)
+    released = threading.Event()  # the judge answers only once the test lets it: no race on time
+
+    def held_reply(body: dict) -> Scripted:
+        released.wait(timeout=20.0)
+        return scores_reply(1, 1)
+
+    judge_server.responder = held_reply
     callback = make_callback(judge_server)
     rollout = make_rollout(tmp_path, COMPLETIONS[:2])
     try:
         callback.begin(rollout, None)
-        assert not callback._pending[1].done()  # still in flight: the judge answers after 0.5 s
+        assert not callback._pending[1].done()  # begin returned while the judge still holds the replies
+        released.set()
         assert callback.score(rollout, None).tolist() == [1.0, 1.0]
     finally:
+        released.set()
         callback.close()
 
 

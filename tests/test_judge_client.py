@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -147,7 +147,7 @@ def test_400_is_not_retried(judge_server, judge_key, record):
 
 
 def test_reply_slower_than_timeout(judge_server, judge_key, record):
-    judge_server.push(scores_reply(1, 1, delay=1.5), scores_reply(1, 1, delay=1.5))
+    judge_server.push(Scripted(hang=True), Scripted(hang=True))  # never answers: the 0.3 s timeout must end it
     result = judge_one(judge_server, record, RIGHT, timeout=0.3, max_retries=1)
     assert (result.source, result.fault, result.requests) == ("fallback", "timeout", 2)
     assert result.scores.reward == 0.5
@@ -207,15 +207,23 @@ def test_budget_state_restored_into_a_new_client(judge_server, judge_key, record
 
 
 def test_sixteen_completions_run_concurrently(judge_server, judge_key, record):
-    judge_server.responder = lambda body: scores_reply(0.6, 0.6, delay=0.5)
-    client = JudgeClient(make_config(judge_server, concurrency=16))
+    """The server answers none until all 16 are in flight at once: a client that sent them one at
+    a time would get no answer before its 20 s timeout (the barrier breaks: 500s, then fallbacks)."""
+    everyone = threading.Barrier(16, timeout=20.0)
+
+    def together(body: dict) -> Scripted:
+        try:
+            everyone.wait()
+        except threading.BrokenBarrierError:
+            return Scripted(status=500, body={"error": "not all 16 in flight"})
+        return scores_reply(0.6, 0.6)
+
+    judge_server.responder = together
+    client = JudgeClient(make_config(judge_server, concurrency=16, max_retries=0, timeout=30.0))
     items = [JudgeItem.of(record, RIGHT + f" {i}") for i in range(16)]
-    start = time.perf_counter()
     results = client.score_batch(items)
-    wall = time.perf_counter() - start
-    print(f"\njudge wall time, 16 completions, server answering each after 0.5 s: {wall:.2f} s")
     assert [r.source for r in results] == ["judge"] * 16
-    assert judge_server.max_in_flight > 1
+    assert judge_server.max_in_flight == 16
     assert summarize(results)["requests"] == 16
 
 

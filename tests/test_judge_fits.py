@@ -10,7 +10,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -74,32 +73,26 @@ def test_a_judge_that_rejects_the_key_stops_the_fit_and_the_key_leaks_nowhere(
 
 
 def test_a_judge_that_never_answers_costs_each_step_at_most_the_deadline(judge_server, judge_key, records,
-                                                                         tmp_path, monkeypatch):
-    """Every request hangs: each step's judge wait ends at step_deadline_s (1 s), the requests are
-    cancelled (the server sees the connections closed) and every completion falls back as
-    ``deadline``. A bound on behaviour (deadline + 1 s a step), not a speed measurement."""
+                                                                         tmp_path):
+    """Every request hangs and the request timeout is 60 s: the judge's part of each step must end
+    at ``step_deadline_s`` (1 s). What is checked is where the step waits on the judge: the
+    requests were cancelled (the server saw every connection closed), every completion fell back as
+    ``deadline`` (not ``timeout``, which would take 60 s), and the time ``score`` blocked on the
+    judge (``process/step_wait_max``, measured around that wait) is at most the deadline plus a
+    0.5 s allowance for the cancellation and thread wake-ups. The rest of the step (generation,
+    the reference forward, backward) is the model's time and is not bounded here."""
     judge_server.responder = lambda body: Scripted(hang=True)
-    durations: list[float] = []
-    training_step = GRPOModule.training_step
-
-    def timed(module: GRPOModule, batch: dict, batch_idx: int) -> None:
-        start = time.monotonic()
-        try:
-            return training_step(module, batch, batch_idx)
-        finally:
-            durations.append(time.monotonic() - start)
-
-    monkeypatch.setattr(GRPOModule, "training_step", timed)
     root = tmp_path / "run"
     judge = judge_entry(judge_server, step_deadline_s=1.0, timeout=60.0)
     cli = main(["fit", "--config", str(write_config(root, records, judge))])
 
-    assert cli.trainer.global_step == 2 and len(durations) == 2
-    assert all(d < 1.0 + 1.0 for d in durations), durations
+    assert cli.trainer.global_step == 2
     logged = scalars(root / "tb")
     assert logged["process/fallback/deadline"] == [4.0, 4.0] and logged["process/fallbacks"] == [4.0, 4.0]
+    assert logged["process/fallback/timeout"] == [0.0, 0.0]
     assert logged["process/requests"] == [4.0, 4.0]  # sent, then cancelled: counted and budgeted
     assert logged["reward/process"] == pytest.approx([0.5 * a for a in logged["reward/accuracy"]])
+    assert all(0.0 <= waited <= 1.0 + 0.5 for waited in logged["process/step_wait_max"]), logged
     judge_server.close()
     assert judge_server.abandoned == 8
 

@@ -12,6 +12,7 @@ runs with no API key.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any
 
 import torch
@@ -43,7 +44,8 @@ class ProcessReward(RewardCallback):
     the variable is unset at ``setup``, or once ``judge.max_auth_failures`` requests in a row were
     rejected with 401/403: on every rank as soon as one rank sees it (a collective per step), so
     no rank is left waiting on the others. Each step waits at most ``judge.step_deadline_s`` for
-    the judge.
+    the judge; how long ``score`` blocked on it (seconds, after the reference forward ran
+    meanwhile) is logged as ``process/step_wait_max`` (the slowest rank's).
 
     Args:
         judge: server, model, retries, concurrency, budget and cache (see :class:`JudgeConfig`).
@@ -113,9 +115,11 @@ class ProcessReward(RewardCallback):
         if self._pending is None or self._pending[0] is not rollout:
             self.begin(rollout, pl_module)
         assert self._pending is not None and self._client is not None
+        waiting = time.monotonic()
         results = self._pending[1].result()  # within judge.step_deadline_s of begin
+        waited = time.monotonic() - waiting
         self._pending = None
-        self._metrics = summarize(results)
+        self._metrics = {**summarize(results), "step_wait_max": waited}
         rejected = self._client.auth_rejected()
         if not self._all_ranks(not rejected):
             raise self._client.auth_error(on_this_rank=rejected)
