@@ -3,7 +3,8 @@
 The fixture has the release's layout: ``data.json`` (``{subset: {split: [records]}}``) with the
 images under ``images/``, and a per-subset ``socialpath_mapping.json`` (``{split: [records]}``).
 ``No`` restarts at 0 in every split, options carry their letter, answers are ``"D) text"`` (one a
-bare letter), one question has three options and ``test_tiny`` repeats a ``test`` question.
+bare letter), one question has three options and ``test_tiny`` holds questions of its own (as in
+the release: none of its questions is in ``test``), one of them on an image ``test`` also uses.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def _labelled(letter: str) -> str:
 
 
 def write_release(root: Path) -> Path:
-    """The release under ``root``: 7 questions read by default in 3 splits, plus a repeating test_tiny."""
-    for index in range(6):
+    """The release under ``root``: 9 questions in 4 splits (``PubMed/test_tiny`` among them), all read
+    by default."""
+    for index in range(7):
         make_image(root / "images" / f"{index:02d}.jpg", shade=30 * index)
     data = {
         "PubMed": {
@@ -52,7 +54,7 @@ def write_release(root: Path) -> Path:
                 _record(1, "02.jpg", _labelled("C"), options=3),  # three options
                 _record(2, "02.jpg", _labelled("B").lower() + "."),  # the option's text, case and stop aside
             ],
-            "test_tiny": [_record(0, "01.jpg", _labelled("A"))],  # repeats PubMed/test No 0
+            "test_tiny": [_record(0, "06.jpg", _labelled("C")), _record(1, "01.jpg", _labelled("B"))],
         },
         "EduContent": {"val": [_record(0, "03.jpg", _labelled("B")), _record(1, "04.jpg", _labelled("D"))]},
     }
@@ -65,29 +67,42 @@ def write_release(root: Path) -> Path:
     return root
 
 
-def test_release_folder_loads_without_a_field_map(tmp_path):
+def test_release_folder_loads_every_split_by_default(tmp_path, caplog):
+    """val, test and test_tiny are all read (test_tiny is part of PathMMU's test set), and the
+    records read per split are logged at WARNING, where a CLI run shows them."""
     root = write_release(tmp_path / "PathMMU")
-    records, report = load_records(root, style="pathmmu_release")
-    assert report.kept_by_part == {"data:PubMed/val": 2, "data:PubMed/test": 3, "data:EduContent/val": 2}
-    assert (report.seen, report.kept, report.num_skipped) == (7, 7, 0)
-    assert "kept by part: data:PubMed/val 2, data:PubMed/test 3, data:EduContent/val 2" in report.summary()
+    with caplog.at_level(logging.WARNING, logger="pathvlm_lightning.data"):
+        records, report = load_records(root, style="pathmmu_release")
+    assert report.kept_by_part == {
+        "data:PubMed/val": 2, "data:PubMed/test": 3, "data:PubMed/test_tiny": 2, "data:EduContent/val": 2,
+    }  # fmt: skip
+    assert (report.seen, report.kept, report.num_skipped) == (9, 9, 0)
+    read = [r for r in caplog.records if "PathMMU release records" in r.getMessage()]
+    assert len(read) == 1 and read[0].levelno == logging.WARNING
+    assert read[0].getMessage().endswith(
+        "read 9 PathMMU release records, by split: data:PubMed/val 2, data:PubMed/test 3, "
+        "data:PubMed/test_tiny 2, data:EduContent/val 2"
+    )
+    assert not any("left out" in m for m in caplog.messages)
     # No restarts in every split; the ids stay unique by carrying file and split
     assert [r.id for r in records] == [
         "data:PubMed/val:0", "data:PubMed/val:1",
         "data:PubMed/test:0", "data:PubMed/test:1", "data:PubMed/test:2",
+        "data:PubMed/test_tiny:0", "data:PubMed/test_tiny:1",
         "data:EduContent/val:0", "data:EduContent/val:1",
     ]  # fmt: skip
-    assert [r.answer for r in records] == ["D", "B", "A", "C", "B", "B", "D"]
+    assert [r.answer for r in records] == ["D", "B", "A", "C", "B", "C", "B", "B", "D"]
     assert records[0].options == dict(zip("ABCD", TEXTS))
     assert records[3].options == dict(zip("ABC", TEXTS[:3]))
-    assert [r.subset for r in records] == ["PubMed"] * 5 + ["EduContent"] * 2
+    assert [r.subset for r in records] == ["PubMed"] * 7 + ["EduContent"] * 2
     assert records[0].image == str(root.resolve() / "images" / "00.jpg")
+    assert records[5].image == str(root.resolve() / "images" / "06.jpg")
     assert records[0].explanation == "The cells of 00.jpg are arranged in a whorl."
     again = load_records(root / "data.json", style="pathmmu_release").records  # the file itself, read again
     assert again == records
 
 
-def test_per_subset_mapping_file_and_split_selection(tmp_path):
+def test_per_subset_mapping_file_and_split_selection(tmp_path, caplog):
     root = write_release(tmp_path / "PathMMU")
     records, report = load_records(root / "socialpath_mapping.json", style="pathmmu_release")
     assert [(r.id, r.subset, r.answer) for r in records] == [
@@ -95,11 +110,21 @@ def test_per_subset_mapping_file_and_split_selection(tmp_path):
         ("socialpath_mapping:test:0", "socialpath", "A"),
     ]
     assert records[0].image == str(root.resolve() / "images" / "05.jpg")
-    # a subset's name selects its splits, still without test_tiny; a full key selects test_tiny too
-    chosen = load_records(root, style="pathmmu_release", release_splits=["EduContent", "PubMed/test"]).report
+    # a subset's name selects all its splits, test_tiny included; a full key selects that split only
+    subset = load_records(root, style="pathmmu_release", release_splits=["PubMed"]).report
+    assert subset.kept_by_part == {"data:PubMed/val": 2, "data:PubMed/test": 3, "data:PubMed/test_tiny": 2}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pathvlm_lightning.data"):
+        chosen = load_records(root, style="pathmmu_release", release_splits=["EduContent", "PubMed/test"]).report
     assert chosen.kept_by_part == {"data:PubMed/test": 3, "data:EduContent/val": 2}
+    left_out = [r for r in caplog.records if "left out split" in r.getMessage()]
+    assert [r.levelno for r in left_out] == [logging.WARNING] * 2
+    assert [r.getMessage().split(": ", 1)[1] for r in left_out] == [
+        "left out split PubMed/val (2 records): not in release_splits ['EduContent', 'PubMed/test']",
+        "left out split PubMed/test_tiny (2 records): not in release_splits ['EduContent', 'PubMed/test']",
+    ]
     tiny = load_records(root, style="pathmmu_release", release_splits=["PubMed/test_tiny"]).records
-    assert [r.id for r in tiny] == ["data:PubMed/test_tiny:0"]
+    assert [r.id for r in tiny] == ["data:PubMed/test_tiny:0", "data:PubMed/test_tiny:1"]
     with pytest.raises(DataValidationError, match=r"release_splits \['Atlas'\] match no split; the splits are "
                        r"\['PubMed/val', 'PubMed/test', 'PubMed/test_tiny', 'EduContent/val'\]"):  # fmt: skip
         load_records(root, style="pathmmu_release", release_splits=["PubMed", "Atlas"])
@@ -142,7 +167,9 @@ def test_bad_release_record_names_file_split_and_record(tmp_path):
     )
     records, report = load_records(root, style="pathmmu_release", on_invalid="skip")
     assert dict(report.skipped) == {"answer_not_in_options": 1, "missing_field": 1}
-    assert report.kept_by_part == {"data:PubMed/val": 2, "data:PubMed/test": 2, "data:EduContent/val": 1}
+    assert report.kept_by_part == {
+        "data:PubMed/val": 2, "data:PubMed/test": 2, "data:PubMed/test_tiny": 2, "data:EduContent/val": 1,
+    }  # fmt: skip
     assert any(m.startswith(f"{root.resolve() / 'data.json'} [EduContent/val]: row 1: has no id (column 'No')")
                for m in report.messages)  # fmt: skip
 
@@ -159,8 +186,8 @@ def test_datamodule_trains_from_the_downloaded_folder(tmp_path, tiny_processor, 
     )
     with caplog.at_level(logging.INFO, logger="pathvlm_lightning.data.datamodule"):
         datamodule.prepare_data()
-    assert any("kept 7 of 7 records" in m and "data:EduContent/val 2" in m for m in caplog.messages)
-    assert sum(datamodule.manifest.counts.values()) == 7
+    assert any("kept 9 of 9 records" in m and "data:PubMed/test_tiny 2" in m for m in caplog.messages)
+    assert sum(datamodule.manifest.counts.values()) == 9
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["input_ids"].shape[0] == 2 and all(r.id.startswith("data:") for r in batch["records"])

@@ -103,7 +103,9 @@ class VQADataModule(LightningDataModule):
         max_image_pixels: largest image (width x height of the file) accepted at validation;
             None for no limit. Images with an aspect ratio over 200 are always refused.
         release_splits: for ``pathmmu_release``, which splits to read: subsets (``PubMed``) or split
-            keys (``PubMed/test``, ``val``); None: all but ``test_tiny`` (which repeats ``test``).
+            keys (``PubMed/test``, ``val``); None: every split, ``test_tiny`` included (its
+            questions are not in ``test``). The splits read are pooled and split again by image
+            (``split_sizes``); each record keeps its release split in its id (``data:PubMed/test_tiny:3``).
         split_dir: where the split files and manifest live; share it between the stages of a pipeline.
         split_sizes: records per split in fill order; ``null``/-1 = the rest. Default: the paper's
             3000/1000/1385 for a data file, :data:`EMBEDDED_SPLIT_SIZES` for the embedded set.

@@ -151,7 +151,8 @@ def load_records(
     problem unless ``allow_absolute_image_paths``. Embedded images (bytes or decoded PIL images)
     are written to ``image_dir``, which is then required. ``checks`` says what else every record
     is checked for (image files and sizes, special tokens). ``release_splits`` selects the
-    splits of a ``pathmmu_release`` file (see :mod:`pathvlm_lightning.data.release`).
+    splits of a ``pathmmu_release`` file (default: every split, ``test_tiny`` included; see
+    :mod:`pathvlm_lightning.data.release`); the records kept per split are logged at WARNING.
 
     A file that cannot be read as records, or a required column missing altogether (a mapping
     mistake), raises at once whatever ``on_invalid`` says. Messages name the file (and split).
@@ -194,6 +195,9 @@ def load_records(
         report.messages.extend(file_report.messages)
         report.kept_by_part[source.label] = file_report.kept
     report.kept = len(state.records)
+    if style == RELEASE_STYLE:  # at WARNING so that a CLI run shows what was read from the release
+        by_split = ", ".join(f"{part} {n}" for part, n in report.kept_by_part.items())
+        log.warning("%s: read %d PathMMU release records, by split: %s", report.source, report.kept, by_split)
     if report.num_skipped:
         log.warning("%s", report.summary())
     if not state.records:

@@ -10,9 +10,15 @@ integer that restarts at 0 in every split), ``img`` (a file name under ``images/
 Each split is one :class:`RowSource` named ``<file> [<subset>/<split>]`` in messages. Ids are
 ``<file stem>:<split key>:<No>`` (``data:PubMed/test:12``): unique although ``No`` restarts, and
 the same on every machine. A record's subset is its top-level key in ``data.json`` (``PubMed``),
-or the file's name before ``_mapping`` (``socialpath``). ``release_splits`` picks what is read: a
-subset (``PubMed``: its splits), a split key (``PubMed/val``, or ``val`` in a per-subset file).
-``test_tiny`` repeats questions of ``test``, so it is read only when named by its full key.
+or the file's name before ``_mapping`` (``socialpath``).
+
+Every split is read by default, ``test_tiny`` included: it holds questions of its own, none of
+them in ``test`` (SocialPath: val 155, test 1,620, test_tiny 235), and PathMMU's own evaluation
+counts ``*_test`` plus ``*_test_tiny`` as the test set. ``release_splits`` picks what is read: a
+subset (``PubMed``: all its splits), a split key (``PubMed/test_tiny``, or ``val`` in a per-subset
+file). The splits left out by ``release_splits`` are logged at WARNING with their record counts,
+and :func:`~pathvlm_lightning.data.loaders.load_records` logs the records kept per split at WARNING,
+so a CLI run shows what was read.
 """
 
 from __future__ import annotations
@@ -32,8 +38,6 @@ log = logging.getLogger(__name__)
 RELEASE_STYLE = "pathmmu_release"
 RELEASE_FILE = "data.json"
 RELEASE_IMAGE_FOLDER = "images"
-#: Splits that repeat questions of another split of the same subset (``test_tiny`` of ``test``).
-REPEATING_SPLITS = ("test_tiny",)
 #: The release's columns, as :class:`~pathvlm_lightning.data.loaders.FieldMap` fields.
 RELEASE_FIELDS: dict[str, Any] = dict(
     id="No", image="img", question="question", options="options", answer="answer",
@@ -54,9 +58,10 @@ def release_files(path: str | os.PathLike) -> list[Path]:
 
 
 def release_sources(file: Path, wanted: Sequence[str] | None = None) -> list[RowSource]:
-    """One :class:`RowSource` per split of ``file`` that ``wanted`` selects (``None``: every split
-    but the repeating ones), in file order. Entries of ``wanted`` that match nothing in this file
-    are not an error here: a glob may name several files (see :func:`unmatched`)."""
+    """One :class:`RowSource` per split of ``file`` that ``wanted`` selects (``None``: every split),
+    in file order; each split left out is logged at WARNING with its record count. Entries of
+    ``wanted`` that match nothing in this file are not an error here: a glob may name several
+    files (see :func:`unmatched`)."""
     if file.suffix.lower() != ".json" or file.is_dir():
         raise DataValidationError(
             f"{file}: record_style {RELEASE_STYLE!r} reads PathMMU's .json release files, not this file", "bad_file"
@@ -65,9 +70,8 @@ def release_sources(file: Path, wanted: Sequence[str] | None = None) -> list[Row
     sources = []
     for key, rows in parts.items():
         if not _selected(key, wanted):
-            if wanted is None:
-                log.info("%s: left out %s (%d records), which repeats test questions; name it in "
-                         "release_splits to read it", file, key, len(rows))  # fmt: skip
+            log.warning("%s: left out split %s (%d records): not in release_splits %s", file, key, len(rows),
+                        list(wanted or ()))
             continue
         where = f"{file} [{key}]"
         rows = check_rows(where, rows)
@@ -115,7 +119,7 @@ def _parts(file: Path, value: Any) -> dict[str, list]:
 
 
 def _selected(key: str, wanted: Sequence[str] | None) -> bool:
-    split = key.rsplit("/", 1)[-1]
+    """``key`` (``PubMed/test_tiny``) is read: no selection, or an entry naming it or its subset."""
     if wanted is None:
-        return split not in REPEATING_SPLITS
-    return any(key == entry or (key.startswith(f"{entry}/") and split not in REPEATING_SPLITS) for entry in wanted)
+        return True
+    return any(key == entry or key.startswith(f"{entry}/") for entry in wanted)
