@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pathvlm_lightning.data.collate import PromptCollator, SFTCollator
 from pathvlm_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits
+from pathvlm_lightning.data.image_paths import check_path_map
 from pathvlm_lightning.data.loaders import RECORD_STYLES, FieldMap, load_records
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.resumable import ResumableDataLoader
@@ -97,9 +98,13 @@ class VQADataModule(LightningDataModule):
             images relative to the release root).
         field_map: overrides of the style's source columns, e.g. ``{"answer": "gt_answer"}``.
         image_root: folder relative image paths start from (default: the data file's folder; its
-            ``images/`` for ``pathmmu_release``). Image paths outside it are refused.
-        allow_absolute_image_paths: accept image paths anywhere on the machine (absolute, or
-            leading out of ``image_root`` with ``..``).
+            ``images/`` for ``pathmmu_release``). Image paths outside it are refused, judged by
+            their real path (a symbolic link out of the root is outside).
+        allow_absolute_image_paths: accept image paths anywhere on the machine (absolute, leading
+            out of ``image_root`` with ``..``, or through a symbolic link).
+        image_path_map: path prefixes as the records write them, mapped to a folder here
+            (relative to ``image_root``, or absolute), for files made on another machine:
+            ``{"/home/x/PathMMU/images": "images"}``. The longest matching prefix wins.
         max_image_pixels: largest image (width x height of the file) accepted at validation;
             None for no limit. Images with an aspect ratio over 200 are always refused.
         release_splits: for ``pathmmu_release``, which splits to read: subsets (``PubMed``) or split
@@ -130,6 +135,7 @@ class VQADataModule(LightningDataModule):
         field_map: dict[str, str | list[str] | None] | None = None,
         image_root: str | None = None,
         allow_absolute_image_paths: bool = False,
+        image_path_map: dict[str, str] | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         release_splits: list[str] | None = None,
         split_dir: str = "splits",
@@ -164,6 +170,7 @@ class VQADataModule(LightningDataModule):
             raise ValueError(f"embedded_ood_per_modality must be at least 1, got {embedded_ood_per_modality!r}")
         FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
         ImageLimits(max_pixels=max_image_pixels)  # and on a bad limit
+        check_path_map(image_path_map)
         if release_splits is not None and record_style != "pathmmu_release":
             raise ValueError(f"release_splits only apply to record_style 'pathmmu_release', not {record_style!r}")
         default_sizes = {EMBEDDED: EMBEDDED_SPLIT_SIZES, EMBEDDED_OOD: EMBEDDED_OOD_SPLIT_SIZES}.get(
@@ -236,6 +243,7 @@ class VQADataModule(LightningDataModule):
             checks=self.record_checks(),
             allow_absolute_image_paths=self.hparams.allow_absolute_image_paths,
             release_splits=self.hparams.release_splits,
+            image_path_map=self.hparams.image_path_map,
         )
         log.info("%s", self.validation_report.summary())
         self.manifest = prepare_splits(records, self.hparams.split_dir, asked)

@@ -12,8 +12,9 @@ group questions by image path, and workers can reopen them. A release split over
 (OmniMedVQA's ``QA_information/Open-access/<dataset>.json``) is read from its folder or a glob
 pattern, file by file in sorted order, so every message names the file it is about.
 
-Image paths must lie under the image root (``image_root``, by default the data file's folder)
-unless ``allow_absolute_image_paths`` is set. Every record goes through the checks of
+Image paths must lie under the image root (``image_root``, by default the data file's folder),
+checked on their real path, unless ``allow_absolute_image_paths`` is set; ``image_path_map`` maps
+the absolute paths of another machine into it (:mod:`pathvlm_lightning.data.image_paths`). Every record goes through the checks of
 :mod:`pathvlm_lightning.data.validation`.
 """
 
@@ -31,6 +32,7 @@ from typing import Any, Literal, NamedTuple
 from PIL import Image
 
 from pathvlm_lightning.data.files import RowSource, read_source
+from pathvlm_lightning.data.image_paths import ImagePaths, check_path_map
 from pathvlm_lightning.data.options import (  # noqa: F401  (OPTION_LETTERS, parse_option_lines: imported from here)
     OPTION_LETTERS,
     parse_option_lines,
@@ -141,14 +143,17 @@ def load_records(
     checks: RecordChecks = RecordChecks(),
     allow_absolute_image_paths: bool = False,
     release_splits: Sequence[str] | None = None,
+    image_path_map: Mapping[str, str] | None = None,
 ) -> LoadResult:
     """Read, convert and check every row of ``path`` (a file, a saved dataset, a folder of files or
     a glob pattern: see :func:`source_files`; for ``pathmmu_release``, a folder holding ``data.json``
     means that file); ids must be unique across all its files.
 
     Relative image paths are taken from ``image_root`` (default: :func:`default_image_root`; its
-    ``images/`` folder for ``pathmmu_release``); a path outside it is an ``image_outside_root``
-    problem unless ``allow_absolute_image_paths``. Embedded images (bytes or decoded PIL images)
+    ``images/`` folder for ``pathmmu_release``); a path whose real location (links followed) is
+    outside it is an ``image_outside_root`` problem unless ``allow_absolute_image_paths``.
+    ``image_path_map`` (prefix -> folder, relative to the image root or absolute) rewrites paths
+    written on another machine first (:class:`~pathvlm_lightning.data.image_paths.ImagePaths`). Embedded images (bytes or decoded PIL images)
     are written to ``image_dir``, which is then required. ``checks`` says what else every record
     is checked for (image files and sizes, special tokens). ``release_splits`` selects the
     splits of a ``pathmmu_release`` file (default: every split, ``test_tiny`` included; see
@@ -166,14 +171,14 @@ def load_records(
             f"release_splits {list(release_splits)} only apply to record_style {RELEASE_STYLE!r}, not {style!r}"
         )
     check_on_invalid(on_invalid)
+    path_map = check_path_map(image_path_map)
     files = release_files(path) if style == RELEASE_STYLE else source_files(path)
     if image_root is not None:
         root = Path(image_root).resolve()
-        roots = (os.path.abspath(image_root), str(root))  # an absolute image path may name it either way
     else:
         root = default_image_root(path, style)
         root = root / RELEASE_IMAGE_FOLDER if style == RELEASE_STYLE else root
-        roots = (str(root),)
+    image_paths = ImagePaths(root, path_map, allow_outside=allow_absolute_image_paths)
     report = ValidationReport(source=str(Path(path).resolve()))
     state = _LoadState(checks=checks)
     sources = _read_sources(files, style, field_map, release_splits)
@@ -185,9 +190,8 @@ def load_records(
             field_map=field_map,
             style=style,
             source=source,
-            image_root=root,
+            image_paths=image_paths,
             image_dir=Path(image_dir) if image_dir is not None else None,
-            allowed_roots=None if allow_absolute_image_paths else roots,
         )
         file_report = state.load(converter, RecordPolicy(source.name, on_invalid))
         report.seen += file_report.seen
@@ -284,9 +288,8 @@ class _RowConverter:
     field_map: FieldMap
     style: str
     source: RowSource
-    image_root: Path
+    image_paths: ImagePaths
     image_dir: Path | None
-    allowed_roots: tuple[str, ...] | None = None  # image paths must lie under one of them; None: anywhere
     _columns: set[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -361,15 +364,7 @@ class _RowConverter:
             value = value.get("path")
         if value is None or str(value).strip() == "":
             raise InvalidRecord("missing_field", f"has no image (column {self.field_map.image!r})")
-        text = str(value).strip()
-        path = os.path.normpath(Path(text) if Path(text).is_absolute() else self.image_root / text)
-        if self.allowed_roots is not None and not any(_is_under(path, root) for root in self.allowed_roots):
-            raise InvalidRecord(
-                "image_outside_root",
-                f"image path {text!r} leads outside the image root {str(self.image_root)!r}; set image_root to a "
-                "folder that holds the images, or allow_absolute_image_paths: true to accept any path",
-            )
-        return path
+        return self.image_paths.resolve(str(value).strip())
 
     def _write_embedded(self, data: bytes) -> str:
         if self.image_dir is None:
@@ -387,8 +382,3 @@ class _RowConverter:
             os.replace(partial, target)
         return str(target)
 
-
-def _is_under(path: str, root: str) -> bool:
-    """Whether ``path`` (normalised, absolute) lies in the folder ``root``, compared as written: a
-    symlink inside the root may lead elsewhere, which is the user's own choice."""
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
