@@ -231,8 +231,52 @@ def test_export_reloads_with_auto_model_and_same_greedy_completion(model, tmp_pa
     with torch.no_grad():
         out = reloaded.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert torch.equal(out[:, inputs["input_ids"].shape[1] :], expected)
-    again = Backbone(model=str(tmp_path))  # what the next stage does with the folder
+    again = Backbone(model=str(tmp_path)).eval()  # the project's loader: what the next stage and infer do
     assert again.family is backbone.family
+    assert torch.equal(again.generate(prompts, num_generations=1, max_new_tokens=8, min_new_tokens=8,
+                                      do_sample=False), expected)  # fmt: skip
+
+
+STANDARD_PROCESSORS = {  # the processor class transformers' AutoProcessor maps each model_type to
+    "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_5": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
+
+
+@twins
+def test_export_names_the_standard_processor_class(model, tmp_path):
+    """The saved files name transformers' own processor class (not the project's video-less
+    subclass, for which AutoProcessor silently returns a bare tokenizer), with a video processor
+    section that class reads; AutoProcessor then builds it where torchvision is installed and
+    says it needs torchvision where not (here), never a bare tokenizer."""
+    from transformers import AutoProcessor
+
+    backbone = Backbone(model=model)
+    backbone.export(tmp_path)
+    standard, video = STANDARD_PROCESSORS[backbone.hf_model.config.model_type]
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert config["processor_class"] == standard
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["processor_class"] == standard
+    image = config["image_processor"]
+    assert config["video_processor"]["video_processor_type"] == video
+    assert {k: config["video_processor"][k] for k in ("patch_size", "merge_size", "temporal_patch_size")} == {
+        k: image[k] for k in ("patch_size", "merge_size", "temporal_patch_size")
+    }
+    assert config["pathvlm_lightning"] == {"processor_class": backbone.family.processor_class.__name__,
+                                           "image_processor_type": "Qwen2VLImageProcessorPil"}  # fmt: skip
+    assert (tmp_path / "chat_template.jinja").read_text() == backbone.processor.chat_template
+    assert "Tiny" not in (tmp_path / "tokenizer_config.json").read_text() + json.dumps(
+        {k: v for k, v in config.items() if k != "pathvlm_lightning"}
+    )
+    try:
+        auto = AutoProcessor.from_pretrained(tmp_path)
+    except ImportError as error:  # transformers cannot build the video processor without torchvision
+        assert "Torchvision" in str(error)
+    else:
+        assert type(auto).__name__ == standard and type(auto.video_processor).__name__ == video
+        assert len(auto.tokenizer) == len(backbone.processor.tokenizer)
 
 
 @twins

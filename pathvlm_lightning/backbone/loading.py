@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.image_utils import SizeDict
 
+from pathvlm_lightning.backbone.export import EXPORT_KEY
 from pathvlm_lightning.backbone.families import FAMILIES, Family, family_for_config
 from pathvlm_lightning.backbone.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_model, build_tiny_processor
 from pathvlm_lightning.backbone.twins import TWINS, build_twin_model, build_twin_processor
@@ -67,7 +68,8 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     """Load a processor folder or hub id of any family; Qwen-VL ones that need torchvision come back image-only.
 
     ``AutoProcessor`` silently returns only the tokenizer for a folder saved from one of the
-    families' video-less processors (``Family.processor_class``), and cannot build the Qwen-VL
+    families' video-less processors (``Family.processor_class``; an export names the standard
+    class instead and the video-less one under ``backbone.export.EXPORT_KEY``), and cannot build the Qwen-VL
     processors without torchvision (their video processor); both cases load through the family's
     video-less class, which reads the same tokenizer and image-processor files. Those always come
     back with the PIL image processor they were saved with (where torchvision is installed,
@@ -75,9 +77,11 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     """
     videoless = {f.processor_class.__name__: f.processor_class for f in FAMILIES.values()}
     config_file = Path(path) / "processor_config.json"
-    saved_class = json.loads(config_file.read_text()).get("processor_class") if config_file.is_file() else None
-    if saved_class in videoless:
-        processor = videoless[saved_class].from_pretrained(str(path))
+    saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    saved_class = saved.get("processor_class")
+    exported_from = saved.get(EXPORT_KEY, {}).get("processor_class")  # an export naming the standard class
+    if exported_from in videoless or saved_class in videoless:
+        processor = videoless[exported_from if exported_from in videoless else saved_class].from_pretrained(str(path))
         processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
         return processor
     try:
