@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,32 @@ def test_export_loads_in_transformers_and_answers_like_the_checkpoint(stage, tmp
     assert "| synthetic-CT | 3 | 33.3 |" in card
     assert "- Base model: `embedded-tiny`" in card and "| LoRA | r=8, alpha=16 |" in card and "| lr | 0.01 |" in card
     assert "split sizes: train 1, test rest" in card and "trained on split: `train`" in card
+
+
+def test_the_readme_infer_example_runs_as_written(tmp_path, capsys, monkeypatch):
+    """The README's first ``infer`` command, word for word but for the export folder (the demo's
+    is made by examples/demo.sh): its image ships with the repository, and it answers."""
+    from pathvlm_lightning.backbone import Backbone
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("python -m pathvlm_lightning infer --model ")
+    lines = []
+    for line in readme[start:].splitlines():
+        lines.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    words = shlex.split(" ".join(lines))
+    assert words[:4] == ["python", "-m", "pathvlm_lightning", "infer"] and words[words.index("--image") + 1] == (
+        "examples/tile.png"
+    )
+    folder = words[words.index("--model") + 1]
+    assert folder == "runs/demo/grpo/export"
+    Backbone(model="embedded-tiny").export(tmp_path / folder)
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    monkeypatch.chdir(tmp_path)  # the relative paths as written
+    assert dispatch(words[3:] + ["--json", "--max-new-tokens", "4"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["output_tokens"] == 4 and answer["truncated"] is True
 
 
 def test_model_card_of_a_grpo_stage_lists_its_settings_and_no_secrets():

@@ -14,8 +14,8 @@ pattern, file by file in sorted order, so every message names the file it is abo
 
 Image paths must lie under the image root (``image_root``, by default the data file's folder),
 checked on their real path, unless ``allow_absolute_image_paths`` is set; ``image_path_map`` maps
-the absolute paths of another machine into it (:mod:`pathvlm_lightning.data.image_paths`). Every record goes through the checks of
-:mod:`pathvlm_lightning.data.validation`.
+the absolute paths of another machine into it (:mod:`pathvlm_lightning.data.image_paths`).
+Every record goes through the checks of :mod:`pathvlm_lightning.data.validation`.
 """
 
 from __future__ import annotations
@@ -153,11 +153,12 @@ def load_records(
     ``images/`` folder for ``pathmmu_release``); a path whose real location (links followed) is
     outside it is an ``image_outside_root`` problem unless ``allow_absolute_image_paths``.
     ``image_path_map`` (prefix -> folder, relative to the image root or absolute) rewrites paths
-    written on another machine first (:class:`~pathvlm_lightning.data.image_paths.ImagePaths`). Embedded images (bytes or decoded PIL images)
-    are written to ``image_dir``, which is then required. ``checks`` says what else every record
-    is checked for (image files and sizes, special tokens). ``release_splits`` selects the
-    splits of a ``pathmmu_release`` file (default: every split, ``test_tiny`` included; see
-    :mod:`pathvlm_lightning.data.release`); the records kept per split are logged at WARNING.
+    written on another machine first (:class:`~pathvlm_lightning.data.image_paths.ImagePaths`).
+    Embedded images (bytes or decoded PIL images) are written to ``image_dir``, which is then
+    required. ``checks`` says what else every record is checked for (image files and sizes,
+    special tokens). ``release_splits`` selects the splits of a ``pathmmu_release`` file
+    (default: every split, ``test_tiny`` included; see :mod:`pathvlm_lightning.data.release`);
+    the records kept per split are logged at WARNING.
 
     A file that cannot be read as records, or a required column missing altogether (a mapping
     mistake), raises at once whatever ``on_invalid`` says. Messages name the file (and split).
