@@ -39,8 +39,8 @@ from pathvlm_lightning.checkpoint_sharded import (
 from pathvlm_lightning.cli import main
 from pathvlm_lightning.pipeline import PipelineRunner, StageFailed, load_plan
 from pathvlm_lightning.pipeline.resume import newest_complete_checkpoint
+from pathvlm_lightning.pipeline.runner import subprocess_launcher
 from pathvlm_lightning.redact import run_to_log
-from tests.sharded_kill_worker import MOMENTS
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "sharded_kill_worker.py"
@@ -186,7 +186,6 @@ def test_the_cli_with_the_fsdp2_config_writes_folders_atomically(tmp_path: Path,
 
 # ---- a rank killed inside a sharded save, then the pipeline stage run again -----------------------
 STEPS = 3
-KILLED_SAVE = 2  # the step-1 checkpoint is complete when the step-2 save is killed
 
 
 def _stage_config(root: Path, run_dir: Path) -> Path:
@@ -219,23 +218,28 @@ def _stage_config(root: Path, run_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], str]:
+def _uninterrupted(root: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The exported weights and the fit log of the stage run once without a kill (the CLI, as a user would)."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    config = _stage_config(root, root / "run")
+    config = _stage_config(root, root / "uninterrupted")
     code = run_to_log([sys.executable, "-m", "pathvlm_lightning", "fit", "--config", str(config)], root / "fit.log")
     log = (root / "fit.log").read_text()
     assert code == 0, log[-3000:]
-    return load_file(root / "run/export/model.safetensors"), log
+    return load_file(root / "uninterrupted/export/model.safetensors"), log
+
+
+def _progress(log: str) -> list[str]:
+    """The ``step N/M | loss ...`` lines of a fit log, without their timings."""
+    return [" | ".join(line.split(" | ")[:2]) for line in log.splitlines() if line.startswith("step ")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("rank", "moment"), [(1, "shard_written"), (0, "between_renames")])
-def test_a_rank_killed_in_a_sharded_save_resumes_in_the_pipeline_and_ends_as_the_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: tuple[dict[str, torch.Tensor], str], rank: int, moment: str
+def test_ranks_killed_in_sharded_saves_resume_in_the_pipeline_and_end_as_the_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert moment in MOMENTS
+    """Two kills in a row, then a clean run of the stage: rank 0 dies between the renames of the step-2
+    save (the complete step-2 folder is only findable under its hidden name), then the run resumed
+    from it has rank 1 die with its step-3 shard written (the step-2 folder, restored into place by
+    that save, is the newest complete one), then the stage finishes. 5 launches in all."""
     monkeypatch.chdir(tmp_path)
     config = _stage_config(tmp_path, tmp_path / "run")
     plan = {
@@ -245,38 +249,47 @@ def test_a_rank_killed_in_a_sharded_save_resumes_in_the_pipeline_and_ends_as_the
         "eval_overrides": ["--trainer.devices=1", "--trainer.strategy=auto"],
     }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    checkpoints = tmp_path / "run/checkpoints"
+    fit_log = tmp_path / "report/s/fit.log"
     echoed: list[str] = []
 
-    def launcher(args: list[str], log_file: Path) -> int:  # the CLI through the worker, which arms the kill
-        return run_to_log([sys.executable, str(WORKER), *args], log_file)
+    def run_stage(kill: str | None) -> None:
+        """The stage through PipelineRunner; with ``kill`` (``rank:save:moment``) the CLI runs through
+        the worker, which arms that kill, and the stage must fail."""
+        if kill is None:
+            return PipelineRunner(load_plan("plan.yaml"), launcher=subprocess_launcher, echo=echoed.append).run()
 
-    monkeypatch.setenv("PATHVLM_KILL", f"{rank}:{KILLED_SAVE}:{moment}")
-    with pytest.raises(StageFailed, match="stage 's' step 'fit' failed"):
-        PipelineRunner(load_plan("plan.yaml"), launcher=launcher, echo=echoed.append).run()
-    checkpoints = tmp_path / "run/checkpoints"
-    left = sorted(p.name for p in checkpoints.iterdir())
-    if moment == "shard_written":  # the step-1 folder in place, the killed save's partial temporary beside it
-        assert left[1] == "last.ckpt" and left[0].startswith(".last.ckpt.tmp-") and completed_step(checkpoints / left[0]) is None
-        expected_step, resumed = 1, checkpoints / "last.ckpt"
-    else:  # the step-1 folder set aside, the complete step-2 folder not yet renamed into place
-        assert [n.split("-")[0] for n in left] == [".last.ckpt.old", ".last.ckpt.tmp"]
-        expected_step, resumed = 2, checkpoints / left[1]
+        def through_worker(args: list[str], log_file: Path) -> int:
+            return run_to_log([sys.executable, str(WORKER), *args], log_file)
 
-    monkeypatch.delenv("PATHVLM_KILL")
-    PipelineRunner(load_plan("plan.yaml"), launcher=launcher, echo=echoed.append).run()
-    assert f"[s] fit: resuming from {resumed}" in echoed
-    fit_log = (tmp_path / "report/s/fit.log").read_text()
-    assert f"Restored all states from the checkpoint at {resumed}" in fit_log
-    steps = [line.split(" |")[0] for line in fit_log.splitlines() if line.startswith("step ")]
-    assert steps == [f"step {s}/{STEPS}" for s in range(expected_step + 1, STEPS + 1)]  # only the missing steps ran
-    reference_weights, reference_log = uninterrupted
-    assert [line for line in reference_log.splitlines() if line.startswith(f"step {STEPS}/")][0].split(" | ")[1] == [
-        line for line in fit_log.splitlines() if line.startswith(f"step {STEPS}/")
-    ][0].split(" | ")[1]  # the same last loss
+        monkeypatch.setenv("PATHVLM_KILL", kill)
+        with pytest.raises(StageFailed, match="stage 's' step 'fit' failed"):
+            PipelineRunner(load_plan("plan.yaml"), launcher=through_worker, echo=echoed.append).run()
+        monkeypatch.delenv("PATHVLM_KILL")
+
+    run_stage(kill="0:2:between_renames")
+    aside, hidden = sorted(checkpoints.iterdir())  # the step-1 folder set aside, the step-2 one not yet in place
+    assert aside.name.startswith(".last.ckpt.old-") and hidden.name.startswith(".last.ckpt.tmp-")
+    assert (completed_step(aside), completed_step(hidden)) == (1, 2)
+
+    run_stage(kill="1:1:shard_written")
+    assert f"[s] fit: resuming from {hidden}" in echoed
+    assert f"Restored all states from the checkpoint at {hidden}" in fit_log.read_text()
+    partial, last = sorted(checkpoints.iterdir())  # step 2 restored into place; step 3's shards cut short
+    assert last.name == "last.ckpt" and completed_step(last) == 2
+    assert partial.name.startswith(".last.ckpt.tmp-") and completed_step(partial) is None
+
+    run_stage(kill=None)
+    assert f"[s] fit: resuming from {last}" in echoed
+    log = fit_log.read_text()
+    assert f"Restored all states from the checkpoint at {last}" in log
+    reference_weights, reference_log = _uninterrupted(tmp_path)
+    reference_steps = _progress(reference_log)
+    assert len(reference_steps) == STEPS and _progress(log) == reference_steps[2:]  # step 3 only, at the same loss
     weights = load_file(tmp_path / "run/export/model.safetensors")
     assert weights.keys() == reference_weights.keys()
     for name, value in reference_weights.items():
         assert torch.equal(weights[name], value), name
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # stale temporaries cleaned
-    assert completed_step(checkpoints / "last.ckpt") == STEPS
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]  # what the kills left is cleaned
+    assert completed_step(last) == STEPS
     assert (tmp_path / "report/s/predictions_test.jsonl").is_file()
