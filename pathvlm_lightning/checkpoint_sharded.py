@@ -24,6 +24,7 @@ The CLI installs this with :func:`use_atomic_folders` (beside ``checkpoint_io``'
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -38,6 +39,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Pa
 from typing_extensions import override
 
 from pathvlm_lightning.checkpoint_io import _fsync_folder, _process_is_running
+
+log = logging.getLogger(__name__)
 
 #: written last into a sharded checkpoint folder; its presence (with every file it lists) = complete
 MARKER = "checkpoint_complete.json"
@@ -195,11 +198,14 @@ def tidy_folder(parent: Path) -> tuple[list[Path], list[Path]]:
             _, newest = max(complete, key=lambda c: (c[0], c[1].stat().st_mtime))
             os.replace(newest, target)
             _fsync_folder(parent)
+            log.warning("restored %s from %s, left complete by a save killed before it was in place", target, newest.name)
             restored.append(target)
             entries.remove(newest)
         for entry in entries:
             remove_folder(entry)
             removed.append(entry)
+    if removed:
+        log.info("removed what killed saves left in %s: %s", parent, ", ".join(p.name for p in removed))
     return restored, removed
 
 

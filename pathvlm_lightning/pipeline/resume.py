@@ -60,7 +60,8 @@ def newest_complete_checkpoint(folder: str | Path) -> ResumeChoice:
 
 def _file_step(path: Path) -> int | None:
     """The ``global_step`` of a Lightning checkpoint file; ``None`` when it does not load. ``mmap``
-    reads the pickled part only, so a checkpoint of many GB costs little."""
+    reads the pickled part only, so a checkpoint of many GB costs little. Not ``weights_only``: the
+    file is the stage's own, which the resumed fit loads the same way."""
     import torch  # here: the runner itself needs torch only when a stage left a checkpoint file
 
     try:
