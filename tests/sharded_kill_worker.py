@@ -21,9 +21,8 @@ import pathvlm_lightning.checkpoint_sharded as sharded
 from pathvlm_lightning.cli import main
 
 #: ``shard_written``: this rank's shard file is on disk, the other ranks' and the metadata maybe not;
-#: ``before_publish``: the new folder is complete (marker written), nothing renamed yet (rank 0 only);
-#: ``between_renames``: the old folder is renamed aside, the new one not yet into place (rank 0 only)
-MOMENTS = ("shard_written", "before_publish", "between_renames")
+#: ``between_renames``: the old folder is renamed aside, the complete new one not yet in place (rank 0)
+MOMENTS = ("shard_written", "between_renames")
 
 
 def arm(rank: int, killed_save: int, moment: str) -> None:
@@ -50,7 +49,6 @@ def arm(rank: int, killed_save: int, moment: str) -> None:
         return written
 
     def checked_publish(temporary: Path, target: Path) -> None:
-        die_at("before_publish")
         if saves == killed_save and moment == "between_renames" and target.exists():
             os.replace(target, sharded._hidden_name(target, "old"))  # publish_folder's first rename
             die_at("between_renames")

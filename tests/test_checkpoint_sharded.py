@@ -3,8 +3,8 @@ complete one findable, and the pipeline resumes from the newest complete checkpo
 
 The folder-level tests build what each moment of a save leaves on disk (a real save writes the same
 entries; see ``checkpoint_sharded``'s docstring). The slow test runs a stage of a small plan through
-``PipelineRunner`` on 2 CPU processes (gloo, FSDP2 through ``ModelParallelStrategy``), has one rank
-SIGKILL itself inside a sharded save (tests/sharded_kill_worker.py), runs the stage again, and
+``PipelineRunner`` on 2 CPU processes (gloo, FSDP2 through ``ModelParallelStrategy``), has a rank
+SIGKILL itself inside a sharded save (tests/sharded_kill_worker.py), twice, runs the stage again, and
 compares its exported weights with an uninterrupted run's, bit for bit: float32 on CPU, the same
 seeds and batches, and every state a step depends on (weights, AdamW moments, scheduler, data
 position) restored exactly from the shards and ``meta.pt``.
