@@ -10,8 +10,8 @@ by a killed save are removed by the next save into the same folder.
 
 Only single-file checkpoints pass through a ``CheckpointIO`` (single device, DDP, and FSDP or
 ModelParallel with ``save_distributed_checkpoint=False``). Distributed checkpoints (a folder of
-shards written by ``torch.distributed.checkpoint``) are saved and loaded by the strategy itself and
-are not covered.
+shards written by ``torch.distributed.checkpoint``) are saved and loaded by the strategy itself;
+``checkpoint_sharded.py`` makes those atomic.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningCLI
 from pathvlm_lightning.callbacks.export import ExportCallback
 from pathvlm_lightning.callbacks.progress import EpochProgressBar, ProgressLog
 from pathvlm_lightning.checkpoint_io import use_atomic_checkpoints
+from pathvlm_lightning.checkpoint_sharded import use_atomic_folders
 from pathvlm_lightning.redact import add_secrets, secrets_in_config
 
 _CONFIG_FLAGS = ("-c", "--config")
@@ -71,8 +72,8 @@ class PathVLMCLI(LightningCLI):
         add_secrets(secrets_in_config(self.config.as_dict()))
 
     def instantiate_trainer(self, **kwargs):
-        # Checkpoint files written atomically unless the config chose its own checkpoint plugin.
-        return use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
+        # Checkpoint files (unless the config chose its own plugin) and sharded folders written atomically.
+        return use_atomic_folders(use_atomic_checkpoints(super().instantiate_trainer(**kwargs)))
 
     def before_fit(self) -> None:
         if self.config.fit.overwrite_export:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pathvlm_lightning.eval.scoring import Prediction
@@ -77,7 +78,7 @@ class FakeCLI:
         if args[0] == "fit":
             ckpt = Path(callbacks["ModelCheckpoint"])
             ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "last.ckpt").write_text("ckpt")
+            torch.save({"global_step": 1}, ckpt / "last.ckpt")
             if self.fail_fit == stage:
                 self.fail_fit = None
                 log_file.write_text("Traceback: killed\n")

@@ -4,7 +4,7 @@ Each stage has up to three steps, each a LightningCLI run in its own process (a 
 stage, as a user would run them by hand): ``fit`` (train and export), ``test`` (greedy evaluation on
 the in-domain test split) and ``ood`` (the same on the out-of-domain set). A step is skipped when its
 output exists and was made from the same stage config and the same upstream model; a ``fit`` that
-was interrupted resumes from the stage's ``last.ckpt``. What was done is kept in
+was interrupted resumes from its newest complete checkpoint (resume.py). What was done is kept in
 ``<out_dir>/<stage>/state.json``; the tables are always rebuilt from the saved predictions.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pathvlm_lightning.pipeline.plan import Plan, PlanError, Stage
+from pathvlm_lightning.pipeline.resume import newest_complete_checkpoint
 from pathvlm_lightning.redact import run_to_log
 
 log = logging.getLogger(__name__)
@@ -177,10 +178,15 @@ class PipelineRunner:
         state.save()  # evaluations of an earlier model are dropped with the old state
 
     def _last_checkpoint(self, stage: Stage) -> Path | None:
+        """The newest complete checkpoint (file or sharded folder) of the stage's checkpoint folder."""
         if not (stage.info and stage.info.checkpoint_dir):
             return None
-        last = Path(stage.info.checkpoint_dir) / "last.ckpt"
-        return last if last.is_file() else None
+        choice = newest_complete_checkpoint(stage.info.checkpoint_dir)
+        for path, why in choice.skipped:
+            self.echo(f"[{stage.name}] fit: not resuming from {path}: {why}")
+        if choice.path is not None:
+            self.echo(f"[{stage.name}] fit: newest complete checkpoint {choice.path} (global step {choice.step})")
+        return choice.path
 
     def _evaluate(self, stage: Stage, split: str, overrides: list[str]) -> None:
         state = self.state(stage)
