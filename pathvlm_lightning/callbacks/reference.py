@@ -28,8 +28,8 @@ class ReferenceModelCallback(Callback):
       copy's skeleton on the meta device and shards it over the policy's mesh with the policy's
       mixed-precision policy, its shards stored in the policy's compute dtype (``bf16-mixed``:
       bfloat16, half the size of the policy's float32 shards); ``on_fit_start`` (after
-      ``configure_model`` sharded the policy, before this strategy restores a checkpoint) allocates the rank's 1/N shards and copies the policy's
-      local shards into them. The sync then mixes matching shards locally.
+      ``configure_model`` sharded the policy, before this strategy restores a checkpoint) allocates
+      the rank's 1/N shards and copies the policy's local shards into them. The sync then mixes matching shards locally.
 
     The log-prob pass runs over the module's ``micro_batch_size`` slices of whole groups.
 
