@@ -19,10 +19,16 @@ import pytest
 import torch
 import yaml
 
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+
 from pathvlm_lightning.backbone.precision import HALF_SPACING, stuck_weights
 from pathvlm_lightning.cli import main
+from pathvlm_lightning.data.collate import PromptCollator, SFTCollator
+from pathvlm_lightning.data.records import BatchRecords
 from pathvlm_lightning.modules import SFTModule
 from tests.test_cli_configs import SMALL_DATA
+from tests.test_data_support import make_image, record
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISION = re.compile(r"\b(?:64|32|16|bf16)-(?:true|mixed)\b")
@@ -46,6 +52,19 @@ def test_every_shipped_and_documented_precision_runs_below() -> None:
     documented = set(PRECISION.findall((REPO / "README.md").read_text()))
     assert "bf16-mixed" in shipped and "bf16-true" in documented  # the scan finds them
     assert shipped | documented <= {precision for precision, _ in CASES}
+
+
+def test_precision_plugins_cast_a_batch_and_pass_its_records_through(tiny_processor, tmp_path: Path) -> None:
+    records = [record("r1", str(make_image(tmp_path / "a.png"))), record("r2", str(make_image(tmp_path / "b.png", 9)))]
+    sft, prompt = SFTCollator(tiny_processor)(records), PromptCollator(tiny_processor)(records)
+    plugins = ((HalfPrecision("bf16-true"), torch.bfloat16), (MixedPrecision("bf16-mixed", "cpu"), torch.float32))
+    for plugin, pixels in plugins:  # bf16-true: pixels in the compute dtype; bf16-mixed: autocast casts them
+        for batch, tensors in ((sft, lambda b: b), (prompt, lambda b: b["prompt_inputs"])):
+            converted = move_data_to_device(plugin.convert_input(batch), torch.device("cpu"))
+            assert converted["records"] is batch["records"] and list(converted["records"]) == records
+            assert tensors(converted)["pixel_values"].dtype == pixels
+            assert tensors(converted)["input_ids"].dtype == torch.long  # integer tensors are never cast
+    assert sft["records"][1:] == BatchRecords(records[1:]) and sft["records"][0] is records[0]
 
 
 def _small_grpo(tmp_path: Path) -> Path:
