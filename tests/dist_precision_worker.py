@@ -7,7 +7,8 @@ one optimizer step of the embedded tiny model, FSDP2 (``ModelParallelStrategy``,
 processes, on the 4 records of :func:`write_records` (2 per rank). Rank 0 writes
 ``OUT_DIR/<name>.pt``: the trainable weights in full before and after the step (float32 copies)
 and what the step ran on: the dtype of the sharded weights and of AdamW's states, and the dtype of
-the weight the first decoder layer's forward saw. The test runs :func:`one_step` in its own process for the 1-process twin.
+the weight the first decoder layer's forward saw. The test runs :func:`one_step` in its own process
+for the 1-process twin.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def one_step(settings: dict[str, Any], data_dir: Path, processes: int) -> dict[s
     )
     module = SFTModule(backbone, optimizer=optimizer)
     data = VQADataModule(
-        data_path=str(data_dir / "records.jsonl"), split_dir=str(data_dir / f"splits{processes}"), split_sizes={"train": None},
+        data_path=str(data_dir / "records.jsonl"), split_dir=str(data_dir / f"splits{processes}"),
+        split_sizes={"train": None},
         train_split="train", val_split=None, test_split="train", predict_split="train",
         batch_size=RECORDS // processes, batch_kind="sft", processor=backbone.processor,
     )  # fmt: skip
@@ -82,7 +84,7 @@ def one_step(settings: dict[str, Any], data_dir: Path, processes: int) -> dict[s
         "initial": initial,
         "final": _trainable(backbone),
         "weight_dtypes": sorted({str(p.dtype) for p in backbone.parameters() if p.requires_grad}),
-        "state_dtypes": sorted({str(s["exp_avg"].dtype) for s in states} | {str(s["exp_avg_sq"].dtype) for s in states}),
+        "state_dtypes": sorted({str(s[key].dtype) for s in states for key in ("exp_avg", "exp_avg_sq")}),
         "compute_dtypes": sorted(compute.seen),
         "sharded": bool(fsdp_units(backbone.model)),
         "rank": trainer.global_rank,

@@ -76,7 +76,8 @@ def _small_grpo(tmp_path: Path) -> Path:
             callback["init_args"].update(num_generations=4, max_new_tokens=16)
     callbacks.append({"class_path": "tests.fit_support.LengthReward"})
     path = tmp_path / "small_grpo.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}, "model": {"init_args": {"eval_max_new_tokens": 16}}}))
+    overlay = {"trainer": {"callbacks": callbacks}, "model": {"init_args": {"eval_max_new_tokens": 16}}}
+    path.write_text(yaml.safe_dump(overlay))
     return path
 
 
