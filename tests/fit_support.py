@@ -15,7 +15,9 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pathvlm_lightning.callbacks.reward import RewardCallback
 from pathvlm_lightning.data.datamodule import VQADataModule
+from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.synthetic import generate_dataset
 
 #: 8 records to train on (2-4 batches), the rest (about 8) to test on; no validation split.
@@ -121,3 +123,13 @@ def tensorboard_events(log_dir: str | Path) -> EventAccumulator:
 def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter, by name (to compare before/after a fit)."""
     return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+class LengthReward(RewardCallback):
+    """A tenth of the completion's character count: random completions differ, so GRPO steps train
+    (``--trainer.callbacks+=tests.fit_support.LengthReward`` in a CLI test)."""
+
+    default_name = "length"
+
+    def score_text(self, completion: str, record: VQARecord) -> float:
+        return len(completion) / 10

@@ -67,7 +67,7 @@ def test_prompt_batch_is_left_padded_and_ends_with_the_generation_prompt(tiny_pr
     batch = PromptCollator(tiny_processor)(records)
     inputs = batch["prompt_inputs"]
     assert set(inputs) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
-    assert batch["records"] == records
+    assert list(batch["records"]) == records
     mask = inputs["attention_mask"]
     assert mask[0, 0] == 0 and mask[1].all()  # the 4-token image prompt is 12 tokens shorter: padded on the left
     assert mask[0].sum() == mask[1].sum() - 12

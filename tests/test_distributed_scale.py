@@ -83,8 +83,8 @@ def test_fsdp2_bf16_mixed_gathers_bf16_and_reduces_in_fp32(two_processes: Path) 
         }
         assert rank["collectives"]["all_gather"] == ["torch.bfloat16"]
         assert rank["collectives"]["reduce_scatter"] == ["torch.float32"]
-        # the reference: float32 shards (gathered as bf16 like the policy), half of it on each rank
-        assert rank["reference_shard_dtypes"] == ["torch.float32"]
+        # the reference: frozen, so stored as it is gathered (bf16 shards, half the policy's float32), half on each rank
+        assert rank["reference_shard_dtypes"] == ["torch.bfloat16"]
         assert rank["reference_local_fraction"] == pytest.approx(0.5, abs=0.01)
 
 

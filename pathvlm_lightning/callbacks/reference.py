@@ -26,9 +26,10 @@ class ReferenceModelCallback(Callback):
     - one process, DDP, FSDP1: a deep copy built in ``setup``, before Lightning restores a checkpoint;
     - FSDP2 (``ModelParallelStrategy``): no rank ever holds a second full copy. ``setup`` builds the
       copy's skeleton on the meta device and shards it over the policy's mesh with the policy's
-      mixed-precision policy; ``on_fit_start`` (after ``configure_model`` sharded the policy, before
-      this strategy restores a checkpoint) allocates the rank's 1/N shards and copies the policy's
-      local shards into them. The sync then mixes matching shards locally.
+      mixed-precision policy, its shards stored in the policy's compute dtype (``bf16-mixed``:
+      bfloat16, half the size of the policy's float32 shards); ``on_fit_start`` (after
+      ``configure_model`` sharded the policy, before this strategy restores a checkpoint) allocates
+      the rank's 1/N shards and copies the policy's local shards into them. The sync then mixes matching shards locally.
 
     The log-prob pass runs over the module's ``micro_batch_size`` slices of whole groups.
 
@@ -72,7 +73,11 @@ class ReferenceModelCallback(Callback):
             self._reference = backbone.build_frozen_copy(on_meta=sharded)
             if sharded:
                 mesh = trainer.strategy.device_mesh["data_parallel"]
-                self._reference.apply_fully_shard(mesh, mixed_precision_policy(trainer.precision))
+                policy = mixed_precision_policy(trainer.precision)
+                if policy.param_dtype is not None:  # frozen: no master copy needed, keep the shards as gathered
+                    for parameter in self._reference.parameters():  # on meta: free; buffers (rotary) stay
+                        parameter.data = parameter.data.to(policy.param_dtype)
+                self._reference.apply_fully_shard(mesh, policy)
                 # Never in backward, so the root must reshard after its forward too: a root left
                 # gathered would hold a full copy and miss the syncs, which update the shards.
                 for unit in fsdp_units(self._reference):

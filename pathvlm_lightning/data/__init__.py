@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS: dict[str, str] = {
     "VQARecord": "records",
+    "BatchRecords": "records",
     "LETTERS": "records",
     "FieldMap": "loaders",
     "LoadResult": "loaders",

@@ -24,7 +24,7 @@ import torch
 
 from pathvlm_lightning.data.images import load_image
 from pathvlm_lightning.data.prompt import PROMPT_TEMPLATE, build_messages, sft_target
-from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.data.records import BatchRecords, VQARecord
 from pathvlm_lightning.data.validation import DataValidationError, InvalidRecord, RecordPolicy
 
 IGNORE_INDEX = -100
@@ -86,7 +86,8 @@ class SFTCollator(_ProcessorCollator):
 
     Returns ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T]``, the processor's image
     tensors (``pixel_values`` ``[sum of patches, D]``, ``image_grid_thw`` ``[B, 3]``, and any other
-    key it returns, e.g. ``mm_token_type_ids``), and ``records``. ``target_fn`` writes the reply
+    key it returns, e.g. ``mm_token_type_ids``), and ``records`` (a :class:`BatchRecords`, which
+    Lightning's device moves and precision casts pass through untouched). ``target_fn`` writes the reply
     (default :func:`sft_target`; e.g. a demonstration with letter noise for the synthetic set).
     """
 
@@ -124,7 +125,7 @@ class SFTCollator(_ProcessorCollator):
                 batch["input_ids"][i, : lengths[i]], prompt_batch["input_ids"][i, : prompt_lengths[i]], record
             )
             labels[i, start:stop] = batch["input_ids"][i, start:stop]
-        return {**batch, "labels": labels, "records": records}
+        return {**batch, "labels": labels, "records": BatchRecords(records)}
 
     def _conversation_text(self, record: VQARecord, prompt: str) -> str:
         target = self.target_fn(record)
@@ -154,7 +155,7 @@ class SFTCollator(_ProcessorCollator):
 
 
 class PromptCollator(_ProcessorCollator):
-    """Records -> ``{"prompt_inputs": left-padded processor output, "records": records}`` for generation."""
+    """Records -> ``{"prompt_inputs": left-padded processor output, "records": BatchRecords}`` for generation."""
 
     def __init__(
         self,
@@ -172,4 +173,4 @@ class PromptCollator(_ProcessorCollator):
         kept = self.too_long(records, inputs["attention_mask"].sum(dim=1), "max_prompt_length")
         if len(kept) < len(records):
             return self([records[i] for i in kept])
-        return {"prompt_inputs": inputs, "records": records}
+        return {"prompt_inputs": inputs, "records": BatchRecords(records)}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import overload
 
 LETTERS = ("A", "B", "C", "D")
 #: ``extra`` key of a teacher-written SFT target (``<think>..</think><answer>..</answer>``) that may
@@ -50,10 +51,44 @@ class VQARecord:
             return str(written)
         return f"<think>{self.explanation}</think><answer>{self.reference}</answer>"
 
-    def to(self, *args: Any, **kwargs: Any) -> VQARecord:
-        """Return ``self``: a record has no tensors to move.
 
-        Lightning moves every batch with ``.to(device)`` and rebuilds dataclasses that lack one,
-        which fails for a frozen dataclass; this lets batches carry their records.
-        """
-        return self
+class BatchRecords:
+    """The records of one batch, in batch order, as one value the batch carries (``batch["records"]``).
+
+    Read it like a tuple (``len``, iteration, indexing; a slice gives a ``BatchRecords``). It is
+    deliberately not a sequence, a mapping or a dataclass to Lightning: the functions that walk a
+    batch (``apply_to_collection`` in ``batch_to_device`` and in every precision plugin's
+    ``convert_input``) recurse into those and rebuild them, and refuse a frozen dataclass such as
+    :class:`VQARecord`. An object of none of these kinds passes through unchanged, records and all,
+    whatever the device or precision.
+    """
+
+    __slots__ = ("_records",)
+
+    def __init__(self, records: Iterable[VQARecord] = ()) -> None:
+        self._records = tuple(records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[VQARecord]:
+        return iter(self._records)
+
+    @overload
+    def __getitem__(self, index: int) -> VQARecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> BatchRecords: ...
+    def __getitem__(self, index: int | slice) -> VQARecord | BatchRecords:
+        if isinstance(index, slice):
+            return BatchRecords(self._records[index])
+        return self._records[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BatchRecords):
+            return self._records == other._records
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # records hold dicts
+
+    def __repr__(self) -> str:
+        return f"BatchRecords({[r.id for r in self._records]!r})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,7 +11,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pathvlm_lightning.backbone import Backbone
+from pathvlm_lightning.backbone.precision import stuck_weights, stuck_weights_message
 from pathvlm_lightning.backbone.sharding import mixed_precision_policy
+
+_log = logging.getLogger(__name__)
 
 
 class BackboneModule(pl.LightningModule):
@@ -50,7 +54,18 @@ class BackboneModule(pl.LightningModule):
         if not params:
             raise ValueError(f"{type(self).__name__}: the backbone has no trainable parameters")
         optimizer = self._optimizer_factory(params)
+        self._warn_about_half_precision_updates(optimizer)
         if self._scheduler_factory is None:
             return optimizer
         scheduler = self._scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _warn_about_half_precision_updates(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn once per fit, on rank 0, when the optimizer updates bfloat16/float16 weights in place
+        (``bf16-true``/``16-true``, or a half-precision backbone ``dtype``): name the share of them an
+        update at the configured lr cannot move (``backbone/precision.py``). A collective under a
+        process group; the float32 master weights of ``bf16-mixed`` never warn."""
+        for group in optimizer.param_groups:
+            for found in stuck_weights(group["params"], float(group["lr"])):
+                if self._trainer is None or self._trainer.is_global_zero:
+                    _log.warning("%s: %s", type(self).__name__, stuck_weights_message(found))
