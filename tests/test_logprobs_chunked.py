@@ -92,6 +92,8 @@ def test_frozen_weight_gets_no_gradient_and_bad_arguments_are_rejected():
         chunked_target_logprobs(hidden, weight, None, targets, chunk_size=0)
     with pytest.raises(ValueError, match="disagree"):
         chunked_target_logprobs(hidden, weight, None, targets[:, :3])
+    with pytest.raises(ValueError, match=r"ids in \[0, 50\).* to 50"):
+        chunked_target_logprobs(hidden, weight, None, targets.clamp(max=49).index_fill(1, torch.tensor([2]), 50))
 
 
 # ---------------------------------------------------------------- compute dtype and what backward allocates

@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import ModelOutput
 
@@ -116,17 +117,23 @@ def chunked_target_logprobs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = weight.shape[0]
-    if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
-        raise ValueError(
-            f"targets must be ids in [0, {vocab}) (the output layer's rows); got ids from "
-            f"{int(targets.min())} to {int(targets.max())}"
-        )
+    _check_targets(targets, vocab)
     flat = hidden.reshape(-1, hidden.shape[-1])  # [M, H], M = N*L
     block = min(vocab, max(1, math.ceil(chunk_size * vocab / max(flat.shape[0], 1))))
     picked = _VocabBlockedLogprobs.apply(
         flat, weight, bias, targets.reshape(-1), float(temperature), block, compute_dtype(weight)
     )
     return picked.view(targets.shape)  # [N, L]
+
+
+def _check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """Ids outside ``[0, vocab)`` would match no block and be scored silently wrong: refuse them.
+    Fake tensors (memory planning, ``benchmarks/logprob_memory.py --full-ft``) have no values to check."""
+    if targets.numel() == 0 or isinstance(targets, FakeTensor):
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"targets must be ids in [0, {vocab}) (the output layer's rows); got ids from {low} to {high}")
 
 
 def _block_logits(
@@ -167,7 +174,7 @@ class _VocabBlockedLogprobs(torch.autograd.Function):
             compute_hidden = hidden.to(dtype)
             for lo in range(0, vocab, block):
                 hi = min(lo + block, vocab)
-                scaled, _ = _block_logits(compute_hidden, weight, bias, lo, hi, temperature, dtype)  # [M, Vb]
+                scaled = _block_logits(compute_hidden, weight, bias, lo, hi, temperature, dtype)[0]  # [M, Vb]
                 local, inside = _in_block(targets, lo, hi)
                 target_logit = torch.where(inside, scaled.gather(1, local[:, None]).squeeze(1), target_logit)
                 new_max = torch.maximum(running_max, scaled.amax(dim=1))  # [M]
@@ -203,13 +210,15 @@ class _VocabBlockedLogprobs(torch.autograd.Function):
                     grad_bias[lo:hi] = grad_logits.sum(dim=0)
                 if grad_logits is not low:
                     grad_logits = low.copy_(grad_logits)  # into the GEMM's buffer, in the compute dtype
-                    del probs
+                del probs  # (the float32 buffer; with float32 compute the same tensor as grad_logits)
                 if need_weight:  # [Vb, H]: one GEMM over all M pairs, rounded once into the weight's dtype
                     if grad_weight.dtype == dtype:
                         torch.mm(grad_logits.t(), compute_hidden, out=grad_weight[lo:hi])
                     else:
                         grad_weight[lo:hi] = grad_logits.t() @ compute_hidden
-                if need_hidden:
+                if need_hidden and dtype == torch.float32:
+                    grad_hidden.addmm_(grad_logits, weight[lo:hi])  # [M, H], in place
+                elif need_hidden:
                     grad_hidden += grad_logits @ weight[lo:hi].to(dtype)  # [M, H]
                 del grad_logits, low
         if grad_hidden is not None:
