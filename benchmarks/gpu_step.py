@@ -45,6 +45,14 @@ The ~20 ms per decode step (transformers' ``generate``, 28 layers, bf16, G rows)
 not a measurement: no GPU has run this script yet. At 30 ms a step the fourth setting would not
 fit, and the budget guard reports it as not run; ``--groups 8`` or ``--modes full`` narrow the run.
 
+``--trl`` adds, after ours, TRL's ``GRPOTrainer`` step (``_trl_gpu_step.py``, a process per G) on the same
+random weights (same folder and seed through our loader), data and LoRA setting, for each G: one
+warm-up step (at the full length: TRL fixes it per run) and ``--steps`` timed ones; it reports step
+time, completion tokens/s and peak memory (no phases). LoRA only: TRL's full fine-tuning loads its
+reference with ``from_pretrained``, which would need the 16 GB of random weights on disk first. It
+does not fit the 8 minutes beside our 4 settings; ``--trl --modes lora --groups 8`` does (ours ~105 s
++ TRL ~15 s start + ~10 s init + 4 x ~30 s steps ~ 4.5 min). Needs ``trl`` and ``datasets``.
+
 ``--dry-run`` swaps in the embedded tiny architecture and its 1,024-id vocabulary (sampling over Qwen's
 152k ids costs seconds per token on a loaded CPU), float32, CPU, 112x112 images and 8-token
 completions, with the same processes, warm-up, timed steps and phases; the suite runs it.
@@ -331,32 +339,38 @@ def run_children(args: argparse.Namespace, folder: Path, records: Path, tmp: Pat
     """Every (mode, G) in its own process, within the time budget; -> {"<mode> G=<g>": result}."""
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    for mode in args.modes:
-        for group in args.groups:
-            name = f"{mode} G={group}"
-            left = args.budget_s - (time.perf_counter() - started)
-            if left < args.min_setting_s:
-                results[name] = {"error": f"not run: {left:.0f} s of the {args.budget_s:.0f} s budget left"}
-                continue
-            out = tmp / f"{mode}_{group}.json"
-            command = [sys.executable, __file__, "--child", mode, str(group), "--folder", str(folder),
-                       "--records", str(records), "--child-output", str(out), *_passed(args)]
-            env = os.environ.copy()
-            if args.dry_run:  # a shared CPU: spinning OpenMP workers wait on descheduled peers (benchmarks/README.md)
-                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-                env.setdefault("OMP_NUM_THREADS", "1")
-            child_start = time.perf_counter()
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=left, env=env)
-            except subprocess.TimeoutExpired:
-                results[name] = {"error": f"timed out after the {left:.0f} s left of the budget"}
-                continue
-            if done.returncode != 0 or not out.exists():
-                results[name] = {"error": f"exit {done.returncode}", "stderr_tail": done.stderr[-3000:]}
-            else:
-                results[name] = json.loads(out.read_text())
-            results[name]["process_seconds"] = round(time.perf_counter() - child_start, 1)
-            print(json.dumps({name: {k: v for k, v in results[name].items() if k != "steps"}}, indent=1), flush=True)
+    settings = [(mode, group) for mode in args.modes for group in args.groups]
+    settings += [("trl", group) for group in args.groups if args.trl]  # TRL's side: LoRA only
+    for mode, group in settings:
+        name = f"trl lora G={group}" if mode == "trl" else f"{mode} G={group}"
+        left = args.budget_s - (time.perf_counter() - started)
+        if left < args.min_setting_s:
+            results[name] = {"error": f"not run: {left:.0f} s of the {args.budget_s:.0f} s budget left"}
+            continue
+        out = tmp / f"{mode}_{group}.json"
+        command = [sys.executable, __file__, "--child", mode, str(group), "--folder", str(folder),
+                   "--records", str(records), "--child-output", str(out), *_passed(args)]
+        if mode == "trl":
+            command = [sys.executable, str(Path(__file__).with_name("_trl_gpu_step.py")), "--group", str(group),
+                       "--folder", str(folder), "--records", str(records), "--child-output", str(out),
+                       "--output-dir", str(tmp / "trl-output"), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--completion-length", str(args.completion_length)]
+        env = os.environ.copy()
+        if args.dry_run:  # a shared CPU: spinning OpenMP workers wait on descheduled peers (benchmarks/README.md)
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            env.setdefault("OMP_NUM_THREADS", "1")
+        child_start = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=left, env=env)
+        except subprocess.TimeoutExpired:
+            results[name] = {"error": f"timed out after the {left:.0f} s left of the budget"}
+            continue
+        if done.returncode != 0 or not out.exists():
+            results[name] = {"error": f"exit {done.returncode}", "stderr_tail": done.stderr[-3000:]}
+        else:
+            results[name] = json.loads(out.read_text())
+        results[name]["process_seconds"] = round(time.perf_counter() - child_start, 1)
+        print(json.dumps({name: {k: v for k, v in results[name].items() if k != "steps"}}, indent=1), flush=True)
     return results
 
 
@@ -378,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--completion-length", type=int, default=None, help="forced tokens (1024; dry run 8)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of all settings")
     parser.add_argument("--min-setting-s", type=float, default=60.0, help="skip a setting with less time left")
+    parser.add_argument("--trl", action="store_true", help="after ours, TRL's GRPO step for each G, LoRA (needs trl)")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("MODE", "G"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
