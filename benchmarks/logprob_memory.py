@@ -10,6 +10,22 @@ is measured. Growth = peak RSS during that pass - RSS before it, compared with t
 ``N * L * V * 4`` bytes. Modes: ``chunked`` (``Backbone.token_logprobs``, ``logprob_chunk_size``) and
 ``full`` (the path before chunking: the model's ``[N, L, V]`` logits, then a float32 log-softmax row by
 row; do not run it at L=1,024 on a shared machine: it needs about 10.5 GB).
+
+``--full-ft`` measures the vocabulary part of full fine-tuning at a 7B model's width instead:
+
+    python benchmarks/logprob_memory.py --full-ft --lengths 1024 --output logprob_memory_full_ft.json
+
+The output layer alone, ``chunked_target_logprobs`` (and, for comparison, the unchunked path: the
+``[N*L, V]`` logits, a float32 ``log_softmax`` and gather), forward + backward of ``(logp * w).sum()``
+with a trainable ``[V, H]`` weight (H = ``--hidden-size``, 3,584 as Qwen2.5-VL-7B) and hidden states
+``[N*L, H]`` that take a gradient, for each ``--dtypes`` entry: ``bf16`` (the FSDP2 paper path: the
+weight gathered in bf16, its gradient bf16 until FSDP's fp32 reduce-scatter), ``autocast`` (float32
+weight and gradient, bf16 compute: ``bf16-mixed`` on one device) and ``fp32``. A 7B-wide pass is
+~36 TFLOP, too much for a CPU benchmark, so it runs on fake tensors (no data, no compute) under
+torch's ``MemTracker``, which counts the bytes of every live tensor storage as the ops run: the
+figure ``torch.cuda.max_memory_allocated`` reports, less allocator rounding and GEMM workspaces.
+"Vocabulary part" = the peak minus the inputs (weight, hidden states) minus the two gradients every
+path returns (weight's in its own dtype, hidden states'), against the float32 logits ``N*L*V*4``.
 """
 
 from __future__ import annotations
@@ -113,6 +129,83 @@ def run_child(mode: str, length: int, chunk_size: int | None) -> dict:
     }
 
 
+def full_ft_vocabulary_part(
+    implementation: str, dtype_name: str, pairs: int, hidden_size: int, vocab: int, chunk_size: int
+) -> dict:
+    """Peak live bytes of one output-layer forward+backward on fake tensors (see the module docstring)."""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from pathvlm_lightning.backbone.logprobs import chunked_target_logprobs
+
+    weight_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    hidden_dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+    with FakeTensorMode():
+        weight = torch.nn.Parameter(torch.empty(vocab, hidden_size, dtype=weight_dtype))  # [V, H]
+        hidden = torch.empty(pairs, hidden_size, dtype=hidden_dtype).requires_grad_()  # [N*L, H], takes a gradient
+        targets = torch.zeros(pairs, dtype=torch.long)  # [N*L]
+        upstream = torch.empty(pairs)  # [N*L]: d loss / d logp
+        tracker = MemTracker()
+        tracker.track_external(weight, hidden, targets, upstream)
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "autocast"):
+            if implementation == "chunked":
+                logp = chunked_target_logprobs(hidden[None], weight, None, targets[None], chunk_size=chunk_size)[0]
+            else:
+                logits = F.linear(hidden, weight).float()  # [N*L, V], the model's lm_head, then float32
+                logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+                del logits
+            (logp * upstream).sum().backward()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    mib = 2**20
+    inputs = vocab * hidden_size * weight.element_size() + pairs * hidden_size * hidden.element_size() + pairs * 12
+    grads = vocab * hidden_size * weight.element_size() + pairs * hidden_size * hidden.element_size()
+    logits_mib = pairs * vocab * 4 / mib
+    part = (peak - inputs - grads) / mib
+    return {
+        "implementation": implementation,
+        "dtype": dtype_name,
+        "pairs": pairs,
+        "hidden_size": hidden_size,
+        "vocab_size": vocab,
+        "logprob_chunk_size": chunk_size if implementation == "chunked" else None,
+        "peak_mib": round(peak / mib, 1),
+        "inputs_mib": round(inputs / mib, 1),
+        "gradients_mib": round(grads / mib, 1),
+        "vocabulary_part_mib": round(part, 1),
+        "fp32_logits_mib": round(logits_mib, 1),
+        "vocabulary_part_over_logits": round(part / logits_mib, 3),
+    }
+
+
+def run_full_ft(args: argparse.Namespace) -> dict:
+    """Every (length, dtype) of ``args``: the unchunked path and the chunked one, one line each."""
+    from pathvlm_lightning.backbone.logprobs import DEFAULT_CHUNK_SIZE
+
+    chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
+    results = []
+    for length in args.lengths:
+        for dtype_name in args.dtypes:
+            for implementation in ("unchunked", "chunked"):
+                pairs = N_PROMPTS * G * length
+                result = full_ft_vocabulary_part(implementation, dtype_name, pairs, args.hidden_size, args.vocab_size, chunk)
+                result["completion_length"] = length
+                results.append(result)
+                print(
+                    f"{implementation:9s} {dtype_name:8s} L={length:5d}  peak {result['peak_mib']:9.1f} MiB  "
+                    f"vocabulary part {result['vocabulary_part_mib']:8.1f} MiB = "
+                    f"{result['vocabulary_part_over_logits']:.3f}x the fp32 logits ({result['fp32_logits_mib']:.1f} MiB)",
+                    flush=True,
+                )
+    longest = max(args.lengths)
+    judged = [r for r in results if r["implementation"] == "chunked" and r["completion_length"] == longest]
+    worst = max(r["vocabulary_part_over_logits"] for r in judged)
+    report = {"full_ft": results, "acceptance_ratio": ACCEPT_RATIO, "accepted": worst <= ACCEPT_RATIO}
+    print(f"full fine-tuning, chunked, L={longest}: at most {worst:.3f}x the fp32 logits "
+          f"(acceptance <= {ACCEPT_RATIO}): {'PASS' if report['accepted'] else 'FAIL'}")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024], help="chunked path")
@@ -121,8 +214,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--full-ft", action="store_true", help="the output layer alone at a 7B width, fake tensors")
+    parser.add_argument("--hidden-size", type=int, default=3584, help="--full-ft: H (Qwen2.5-VL-7B: 3,584)")
+    parser.add_argument("--vocab-size", type=int, default=151936, help="--full-ft: V (Qwen's: 151,936)")
+    parser.add_argument("--dtypes", nargs="+", choices=("bf16", "autocast", "fp32"), default=["bf16", "autocast", "fp32"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.full_ft:
+        report = run_full_ft(args)
+        if args.output:
+            args.output.write_text(json.dumps(report, indent=2))
+        return
     if args.child:
         print(json.dumps(run_child(args.child[0], int(args.child[1]), args.chunk_size)))
         return

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText
 
 from pathvlm_lightning.backbone import Backbone, build_tiny_model, build_tiny_processor, load_processor
@@ -21,7 +22,7 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 def _reference(hidden, weight, bias, targets, temperature=1.0):
     """The definition: full logits, float32 log_softmax, gather."""
-    logits = hidden @ weight.t() + (bias if bias is not None else 0.0)  # [N, L, V]
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # [N, L, V], as an lm_head computes them
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -91,6 +92,93 @@ def test_frozen_weight_gets_no_gradient_and_bad_arguments_are_rejected():
         chunked_target_logprobs(hidden, weight, None, targets, chunk_size=0)
     with pytest.raises(ValueError, match="disagree"):
         chunked_target_logprobs(hidden, weight, None, targets[:, :3])
+    with pytest.raises(ValueError, match=r"ids in \[0, 50\).* to 50"):
+        chunked_target_logprobs(hidden, weight, None, targets.clamp(max=49).index_fill(1, torch.tensor([2]), 50))
+
+
+# ---------------------------------------------------------------- compute dtype and what backward allocates
+# bf16 compute: both paths make the same bf16 GEMM logits, so log-probs differ by float32 softmax
+# summation only (1e-5). Gradients are bf16 results of GEMMs of different shapes (vocabulary blocks
+# vs one [V, M] x [M, H] product; the hidden-state gradient summed over blocks in float32): measured
+# within 1 bf16 ulp, bounded at 2 ulps: rtol 2^-7, atol 2^-7 x the largest element.
+BF16_GRAD_RTOL = 2**-7
+
+
+def _bf16_leaves(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(4, 24, 64, generator=g).bfloat16().requires_grad_()  # M = 96 pairs
+    weight = (torch.randn(500, 64, generator=g) * 0.3).bfloat16().requires_grad_()
+    bias = torch.randn(500, generator=g).bfloat16().requires_grad_()
+    targets = torch.randint(0, 500, (4, 24), generator=g)
+    upstream = torch.randn(4, 24, generator=g)
+    return hidden, weight, bias, targets, upstream
+
+
+def _assert_bf16_grads_close(got, want):
+    assert got.dtype == want.dtype
+    scale = want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=BF16_GRAD_RTOL, atol=BF16_GRAD_RTOL * scale)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 96])
+def test_bf16_compute_equals_the_unchunked_bf16_path(chunk_size):
+    leaves = _bf16_leaves()
+    ref_logp, ref_grads = _values_and_grads(_reference, *leaves)  # bf16 logits, float32 log_softmax
+    logp, grads = _values_and_grads(
+        lambda h, w, b, t: chunked_target_logprobs(h, w, b, t, chunk_size=chunk_size), *leaves
+    )
+    torch.testing.assert_close(logp, ref_logp, **TOL)
+    for got, want in zip(grads, ref_grads, strict=True):
+        _assert_bf16_grads_close(got, want)  # bf16 gradients for bf16 leaves
+
+
+def test_autocast_runs_the_gemms_in_bf16_and_returns_float32_gradients():
+    hidden, weight, bias, targets, upstream = _leaves(with_bias=True, seed=2)  # float32 leaves
+    leaves = (hidden, weight, bias, targets, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, grads = _values_and_grads(lambda h, w, b, t: chunked_target_logprobs(h, w, b, t, chunk_size=4), *leaves)
+        want, want_grads = _values_and_grads(_reference, *leaves)  # autocast's own bf16 matmul
+    fp32_logp, _ = _values_and_grads(_reference, *leaves)
+    torch.testing.assert_close(logp, want, **TOL)
+    assert (logp - fp32_logp).abs().max() > 1e-4  # it did not run in float32
+    for got, ref in zip(grads, want_grads, strict=True):
+        assert got.dtype == torch.float32
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got, ref, rtol=BF16_GRAD_RTOL, atol=BF16_GRAD_RTOL * scale)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records (shape, dtype) of every tensor an op returns in new memory inside the block (views,
+    such as autograd's ``detach`` of the gradient it stores, and ``out=`` writes are not new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.seen.append((tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_makes_one_weight_sized_tensor_in_the_weights_dtype(dtype):
+    # Before: a float32 [V, H] accumulator, then its cast to the weight's dtype. Now: the gradient itself only.
+    hidden, weight, _, targets, _ = _bf16_leaves()
+    hidden, weight = (hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_())
+    logp = chunked_target_logprobs(hidden, weight, None, targets, chunk_size=7)
+    with _Allocations() as allocations:
+        logp.sum().backward()
+    weight_sized = [d for shape, d in allocations.seen if math.prod(shape) >= weight.numel()]
+    assert weight_sized == [dtype], weight_sized
+    assert weight.grad.dtype == dtype
+    biggest_block = max(math.prod(shape) for shape, _ in allocations.seen if math.prod(shape) < weight.numel())
+    # one block's logits (M x ceil(chunk_size x V / M) <= chunk_size x V + M) or the [M, H] hidden gradient
+    assert biggest_block <= max(7 * 500 + 96, hidden.numel())
 
 
 @pytest.mark.parametrize("tied", [True, False])

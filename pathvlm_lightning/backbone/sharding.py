@@ -122,6 +122,38 @@ def gathered_for_generation(model: torch.nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(id(unit) in nested, recurse=False)
 
 
+@contextmanager
+def root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Keep the FSDP2 root unit's parameters gathered from its first forward in the block to the block's
+    end; a no-op when not sharded.
+
+    The root holds the embeddings, the output layer (the same tensor when tied), the final norm and
+    the vision merger: 2 GiB in bf16 at 7B. A step's log-prob passes (every micro-batch slice, the
+    reference's too) each run a root forward; inside this block the first one all-gathers and the
+    others find the parameters gathered, so the output layer is gathered once per step, as FSDP's
+    own unsharded parameters in the mixed-precision policy's ``param_dtype`` (gradients reach FSDP's
+    reduce-scatter after every backward as usual). On exit the root reshards and gets back its usual
+    settings: a trainable model's root keeps its parameters between forward and backward
+    (:func:`apply_fully_shard`), a frozen one's reshards after forward (the reference's). Close the
+    block before the optimizer step: the gathered copy does not see the step's update. A collective
+    (all ranks run the same passes inside it).
+    """
+    units = fsdp_units(model)
+    nested = {id(m) for u in units for m in u.modules() if m is not u and isinstance(m, FSDPModule)}
+    roots = [unit for unit in units if id(unit) not in nested]
+    for root in roots:
+        root.set_reshard_after_forward(False, recurse=False)
+        root.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        frozen = not any(p.requires_grad for p in model.parameters())
+        for root in roots:
+            root.reshard()
+            root.set_reshard_after_backward(True, recurse=False)
+            root.set_reshard_after_forward(frozen, recurse=False)
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full weights of a sharded ``model`` on CPU, on global rank 0; ``{}`` on the other ranks.
 

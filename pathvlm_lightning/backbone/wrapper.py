@@ -274,7 +274,7 @@ class Backbone(torch.nn.Module):
         ``logprob_chunk_size`` positions at a time, recomputed in backward; see
         :func:`~pathvlm_lightning.backbone.logprobs.chunked_target_logprobs` for the contract.
         """
-        weight, bias = output_layer(self.hf_model)
+        weight, bias = output_layer(self.hf_model, dtype=hidden.dtype)
         return chunked_target_logprobs(
             hidden, weight, bias, targets, temperature=temperature, chunk_size=self.logprob_chunk_size
         )
@@ -316,6 +316,12 @@ class Backbone(torch.nn.Module):
     def gathered_for_generation(self) -> AbstractContextManager[None]:
         """Context keeping FSDP2 parameters gathered for a whole generation; no-op when unsharded."""
         return sharding.gathered_for_generation(self.model)
+
+    def output_layer_gathered(self) -> AbstractContextManager[None]:
+        """Context around one step's log-prob passes: under FSDP2 the root unit (embeddings, output layer)
+        is gathered once, at the first pass, and released on exit, instead of once per pass; a no-op
+        when unsharded. Close it before the optimizer step (``sharding.root_gathered``)."""
+        return sharding.root_gathered(self.model)
 
     def export(self, path: str | Path) -> Path:
         """Write a transformers-loadable folder (LoRA merged into a copy, safetensors, processor)."""

@@ -90,11 +90,12 @@ class ReferenceModelCallback(Callback):
         backbone = pl_module.backbone
         kwargs = dict(num_generations=rollout.group_size, temperature=rollout.temperature)
         parts = rollout.group_slices(getattr(pl_module, "micro_batch_size", None))
-        if self._reference is None:
+        if self._reference is None:  # under FSDP2 the policy's root stays gathered into its own passes
             with backbone.adapters_disabled():
                 logprobs = [backbone.token_logprobs(p.prompt_inputs, p.completion_ids, **kwargs) for p in parts]
-        else:
-            logprobs = [self._reference.token_logprobs(p.prompt_inputs, p.completion_ids, **kwargs) for p in parts]
+        else:  # under FSDP2 the copy's root (its output layer) is gathered once for all slices
+            with self._reference.output_layer_gathered():
+                logprobs = [self._reference.token_logprobs(p.prompt_inputs, p.completion_ids, **kwargs) for p in parts]
         return torch.cat(logprobs)  # [B*G, L]: the slices are consecutive groups
 
     @override

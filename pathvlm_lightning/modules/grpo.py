@@ -182,14 +182,15 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         for iteration in range(self.hparams.num_iterations):
             optimizer.zero_grad()
             losses, stats = [], []
-            for index, part in enumerate(parts):
-                last = index == len(parts) - 1  # DDP all-reduces the summed gradients once, after it
-                with nullcontext() if last else self._no_gradient_sync():
-                    loss, part_stats, logprobs = self._accumulate(part, num_tokens, totals)
-                losses.append(loss)
-                stats.append(part_stats)
-                if iteration == 0 and self.hparams.num_iterations > 1:
-                    part.old_logprobs = logprobs
+            with self.backbone.output_layer_gathered():  # FSDP2: one root gather for all slices
+                for index, part in enumerate(parts):
+                    last = index == len(parts) - 1  # DDP all-reduces the summed gradients once, after it
+                    with nullcontext() if last else self._no_gradient_sync():
+                        loss, part_stats, logprobs = self._accumulate(part, num_tokens, totals)
+                    losses.append(loss)
+                    stats.append(part_stats)
+                    if iteration == 0 and self.hparams.num_iterations > 1:
+                        part.old_logprobs = logprobs
             if self.hparams.max_grad_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.parameters() if p.requires_grad], self.hparams.max_grad_norm
