@@ -107,3 +107,72 @@ def stage_comparisons(
         )
         out[key] = {"diff": d.estimate, "ci_low": d.low, "ci_high": d.high, "num_items": d.num_items}
     return out
+
+
+def report_section(
+    stages: dict[str, tuple[list[Prediction], dict[str, list[Prediction]]]],
+    comparisons: list[tuple[str, str]],
+    bootstrap: dict[str, Any],
+) -> dict[str, Any]:
+    """The report's ``counterfactual`` part: per stage its columns with a bootstrap interval each
+    (image reliance: the paired interval of accuracy - swapped accuracy), and per comparison whose
+    two stages both have variants, each column's paired difference."""
+    from pathvlm_lightning.eval.bootstrap import accuracy_interval
+
+    rows = {}
+    for name, (original, variants) in stages.items():
+        row = stage_row(original, variants)
+        values = per_item(original, variants)
+        intervals = {}
+        for key, column in values.items():
+            if not column:
+                continue
+            if key == "image_reliance":
+                swapped = values["swapped_accuracy"]
+                d = paired_mean_difference({i: values["accuracy"][i] for i in swapped}, swapped, **bootstrap)
+                intervals[key] = [d.low, d.high]
+            else:
+                interval = accuracy_interval([bool(v) for v in column.values()], **bootstrap)
+                intervals[key] = [interval.low, interval.high]
+        rows[name] = {**row, "ci": intervals}
+    compared = []
+    for a, b in comparisons:
+        if a in stages and b in stages and stages[a][1] and stages[b][1]:
+            compared.append({"a": a, "b": b, "columns": stage_comparisons(stages[a], stages[b], bootstrap)})
+    return {"stages": rows, "comparisons": compared}
+
+
+def section_markdown(section: dict[str, Any], level: int) -> list[str]:
+    """Two tables: the columns per stage (percentages, interval below), and the paired differences."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    def points(value: float) -> str:
+        return f"{round(100 * value, 1) + 0.0:+.1f}"
+
+    rows = section["stages"]
+    keys = [(key, header) for key, header in COLUMNS if any(row.get(key) is not None for row in rows.values())]
+    lines = ["## Counterfactual inputs", "",
+             "Accuracy with the image blanked (mean grey), swapped for another answer's image, left out, and with "
+             "the options shuffled; image reliance = accuracy - swapped-image accuracy; option consistency = share "
+             f"of questions whose chosen option text survives the shuffle. Percentages, {level}% CI in brackets.", ""]
+    lines.append("| stage | " + " | ".join(f"{header} %" for _, header in keys) + " |")
+    lines.append("|" + "---|" * (len(keys) + 1))
+    for name, row in rows.items():
+        cells = []
+        for key, _ in keys:
+            ci = row["ci"].get(key)
+            cells.append(pct(row.get(key)) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if section["comparisons"]:
+        lines += ["", f"Paired differences (points, {level}% CI) on the items both stages answered:", ""]
+        lines.append("| a vs b | " + " | ".join(header for _, header in keys) + " |")
+        lines.append("|" + "---|" * (len(keys) + 1))
+        for c in section["comparisons"]:
+            cells = []
+            for key, _ in keys:
+                d = c["columns"].get(key)
+                cells.append("-" if d is None else f"{points(d['diff'])} [{points(d['ci_low'])}, {points(d['ci_high'])}]")
+            lines.append(f"| {c['a']} vs {c['b']} | " + " | ".join(cells) + " |")
+    return lines

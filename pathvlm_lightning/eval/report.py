@@ -13,11 +13,12 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pathvlm_lightning.eval.bootstrap import accuracy_interval, paired_difference
+from pathvlm_lightning.eval.counterfactual import report_section, section_markdown
 from pathvlm_lightning.eval.scoring import Prediction, summarize, summarize_by
 
 _LEVEL = 0.95
@@ -34,6 +35,7 @@ class StageEval:
     test: list[Prediction]
     ood: list[Prediction] | None = None
     note: str = ""  # one line shown under the stage table, e.g. "SFT on PathMMU train, 3 epochs"
+    variants: dict[str, list[Prediction]] = field(default_factory=dict)  # counterfactual name -> test predictions
 
 
 def load_predictions(path: str | os.PathLike) -> list[Prediction]:
@@ -140,6 +142,9 @@ def build_report(
     for stage in stages:
         if stage.ood:
             report["ood"][stage.name] = _ood_row(stage.ood, bootstrap)
+    with_variants = {stage.name: (stage.test, stage.variants) for stage in stages if stage.variants}
+    if with_variants:
+        report["counterfactual"] = report_section(with_variants, list(comparisons), bootstrap)
     return report
 
 
@@ -246,6 +251,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("No out-of-domain predictions.")
+
+    if report.get("counterfactual"):
+        lines += ["", *section_markdown(report["counterfactual"], level)]
 
     timings: dict[str, dict[str, float]] = report.get("timings_seconds", {})  # set by the pipeline runner
     if any(timings.values()):
