@@ -4,6 +4,9 @@ answers under each variant are worked out by hand, run through the real datamodu
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -39,7 +42,12 @@ def processor():
 
 @pytest.fixture
 def colour_set(tmp_path: Path) -> tuple[Path, list[VQARecord]]:
+    return write_colour_set(tmp_path)
+
+
+def write_colour_set(tmp_path: Path) -> tuple[Path, list[VQARecord]]:
     """Four one-colour tiles, each asked its colour; q<i> shows the i-th colour, the answer is its letter."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rows, records = [], []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (32, 32), rgb).save(tmp_path / f"{name}.png")
@@ -130,19 +138,37 @@ def test_scripted_model_scores_by_hand(colour_set, processor, tmp_path):
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(tmp_path))
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    _check_by_hand(metrics, tmp_path / "out")
+
+
+EXPECTED = {"blank": 0.5, "swapped": 0.25, "no_image": 0.5, "shuffled": 0.75}
+
+
+def _check_by_hand(metrics: dict, out: Path) -> None:
     # original: all right (q2's shortcut C is blue). blank: every tile looks grey -> only q3 (grey) and
     # q2 (C) right. swapped: the other image has another colour -> only q2 right. no image: option A
     # (red) -> q0 and q2 right. shuffled: right by colour, but q2's C is no longer blue.
-    expected = {"blank": 0.5, "swapped": 0.25, "no_image": 0.5, "shuffled": 0.75}
     assert metrics["test/accuracy"] == 1.0
-    for name, accuracy in expected.items():
+    for name, accuracy in EXPECTED.items():
         assert metrics[f"test/{name}/accuracy"] == pytest.approx(accuracy)
         assert metrics[f"test/{name}/format_compliance"] == 1.0
-        lines = (tmp_path / "out" / f"predictions_test.{name}.jsonl").read_text().splitlines()
+        lines = (out / f"predictions_test.{name}.jsonl").read_text().splitlines()
         assert sorted(json.loads(line)["id"] for line in lines) == ["q0", "q1", "q2", "q3"]
     assert metrics["test/image_reliance"] == pytest.approx(1.0 - 0.25)
     assert metrics["test/option_consistency"] == pytest.approx(0.75)  # q2's chosen text changed
-    assert (tmp_path / "out" / "predictions_test.jsonl").is_file()
+    assert (out / "predictions_test.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_gather_every_variant(tmp_path):
+    """Under DDP each rank answers half the questions (one a batch); the gathered scores are the same."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(repo / "tests" / "counterfactual_dist_worker.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=repo)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    _check_by_hand(json.loads((tmp_path / "metrics.json").read_text()), tmp_path)
 
 
 def test_unknown_counterfactual_is_refused(tmp_path):
