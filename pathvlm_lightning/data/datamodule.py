@@ -278,7 +278,9 @@ class VQADataModule(LightningDataModule):
             return SFTCollator(self.processor, max_length=h.max_length, on_invalid=h.on_invalid, name=name)
         return PromptCollator(self.processor, max_prompt_length=h.max_prompt_length, on_invalid=h.on_invalid, name=name)
 
-    def _loader(self, split: str, kind: str, batch_size: int, shuffle: bool, counterfactuals: bool = False) -> DataLoader:
+    def _loader(
+        self, split: str, kind: str, batch_size: int, shuffle: bool, counterfactuals: bool = False
+    ) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"split {split!r} is not loaded: call setup() for the stage that uses it first")
         dataset = self.datasets[split]
@@ -290,7 +292,9 @@ class VQADataModule(LightningDataModule):
             # Its own generator: starting an epoch never draws from the global RNG, whose state
             # RolloutCallback checkpoints, so a resumed run samples the completions the original did.
             generator=torch.Generator().manual_seed(self.hparams.seed),
-            collate_fn=self._counterfactual_collator(split, kind) if counterfactuals else self._split_batch_collator(split, kind),
+            collate_fn=(
+                self._counterfactual_collator(split, kind) if counterfactuals else self._split_batch_collator(split, kind)
+            ),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )

@@ -149,7 +149,8 @@ def build_report(
         report["counterfactual"] = report_section(with_variants, list(comparisons), bootstrap)
     faithful = {stage.name: row for stage in stages if (row := stage_faithfulness(stage.test)) is not None}
     if faithful:
-        report["faithfulness"] = {"stages": faithful, "comparisons": _faithfulness_comparisons(by_name, faithful, comparisons, bootstrap)}
+        compared = _faithfulness_comparisons(by_name, faithful, comparisons, bootstrap)
+        report["faithfulness"] = {"stages": faithful, "comparisons": compared}
     return report
 
 
