@@ -256,7 +256,7 @@ def test_a_key_pasted_as_the_variable_name_is_not_echoed():
 
 def test_rubric_callback_scores_offline(tmp_path):
     good = (
-        "<think>H&E: purple nuclei, large and crowded, with pleomorphism. Not small; option C is unlikely."
+        "<think>H&E: purple nuclei are large and crowded, with pleomorphism. Not small; option C is unlikely."
         "</think><answer>A) Large</answer>"
     )
     bad = "<think>The nuclei are not large. The answer is B.</think><answer>A) Large</answer>"

@@ -74,8 +74,9 @@ def test_command_reports_pairwise_spearman(judge_server, judge_key, predictions,
     report = main([
         "--predictions", str(preds), "--records", str(records), "--repeats", "3", "--output", str(output),
         "--judge.base_url", judge_server.base_url, "--judge.api_key_env", JUDGE_KEY_ENV,
-        "--judge.cache_path", str(tmp_path / "ignored.sqlite"),
+        "--judge.cache_path", str(tmp_path / "ignored.sqlite"), "--master_keys", "0",
     ])
+    assert "master_keys" not in report
     assert report["spearman"] == pytest.approx(RHO)
     assert report["mean_spearman"] == pytest.approx(sum(RHO.values()) / 3)  # 0.8288
     assert report["fallbacks"] == [0, 0, 0]
@@ -96,3 +97,49 @@ def test_repeats_must_allow_a_comparison(predictions, judge_key):
     with pytest.raises(ValueError, match="--repeats must be >= 2 to compare runs, got 1"):
         main(["--predictions", str(preds), "--records", str(records), "--repeats", "1",
               "--judge.api_key_env", JUDGE_KEY_ENV])
+
+
+def _reasoning(body: dict) -> str:
+    text = body["messages"][1]["content"][1]["text"]
+    return text.split("<candidate_reasoning>\n", 1)[1].split("\n</candidate_reasoning>", 1)[0]
+
+
+def test_master_key_battery_measures_how_often_the_judge_is_fooled(
+    judge_server, judge_key, predictions, tmp_path, capsys
+):
+    """A judge that follows the old arithmetic for ":" and "Thought process:" (integrity 0, knowledge
+    1: reward 0.5) and gives 0.2 to "Let's solve this step by step." (not above the 0.2 bound), 0
+    to the rest; the options pasted back always fail and are left out of the rate."""
+
+    def respond(body: dict) -> Scripted:
+        reasoning = _reasoning(body)
+        chain = next((c for c in SCRIPT if c in reasoning), None)
+        if chain is not None:
+            return scores_reply(0.5, 0.5)
+        if reasoning == "Let's solve this step by step.":
+            return scores_reply(0.2, 0.2)
+        if reasoning in (":", "Thought process:"):
+            return scores_reply(0.0, 1.0)
+        if "A) Large" in reasoning:
+            return Scripted(status=400, body={"error": {"message": "bad request"}})  # the options pasted
+        return scores_reply(0.0, 0.0)
+
+    judge_server.responder = respond
+    preds, records = predictions
+    output = tmp_path / "rho.json"
+    report = main([
+        "--predictions", str(preds), "--records", str(records), "--repeats", "2", "--master_keys", "3",
+        "--output", str(output), "--judge.base_url", judge_server.base_url, "--judge.api_key_env", JUDGE_KEY_ENV,
+        "--judge.max_retries", "0",
+    ])
+    keys = report["master_keys"]
+    # 3 records x 8 kinds = 24 replies; the 3 options-pasted ones fail: 21 judged, 6 fooled (":" and
+    # "Thought process:" x 3).
+    assert (keys["records"], keys["replies"], keys["judged"], keys["fallbacks"]) == (3, 24, 21, 3)
+    assert keys["fooled_rate"] == pytest.approx(6 / 21)
+    assert keys["fooled_rate_by_kind"]["colon"] == keys["fooled_rate_by_kind"]["thought_process"] == 1.0
+    assert keys["fooled_rate_by_kind"]["step_by_step"] == 0.0  # 0.2 is not above the bound
+    assert keys["fooled_rate_by_kind"]["options_pasted"] != keys["fooled_rate_by_kind"]["options_pasted"]  # NaN
+    assert keys["mean_reward"] == pytest.approx((6 * 0.5 + 3 * 0.2) / 21)
+    assert json.loads(output.read_text())["master_keys"]["judged"] == 21
+    assert "judge fooled (reward > 0.2) by 28.6% of 21 content-free replies" in capsys.readouterr().out

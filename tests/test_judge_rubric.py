@@ -14,9 +14,9 @@ REC = VQARecord(
     id="q1", image="x.png", question="Nuclear size?",
     options={"A": "Large", "B": "Small", "C": "Spindle", "D": "Round"}, answer="A",
 )
-# Has all three integrity elements and no error: features (purple, nuclei, crowded), B and C ruled
-# out, a knowledge term (pleomorphism).
-FULL = "Purple nuclei, crowded, with pleomorphism. Not small. Option C is unlikely"
+# Has a claim about the image, all three integrity elements and no error: features (purple, nuclei,
+# crowded) in a sentence that states them ("are"), B and C ruled out, a knowledge term (pleomorphism).
+FULL = "Purple nuclei are crowded, with pleomorphism. Not small. Option C is unlikely"
 
 
 def think(text: str, answer: str = "A) Large") -> str:
@@ -34,10 +34,10 @@ def test_full_marks():
 @pytest.mark.parametrize(
     ("reasoning", "integrity"),
     [
-        ("Pleomorphism. Not small. Option C is unlikely", 0.6),  # no image features: 1 - 0.4
-        ("Purple nuclei with pleomorphism. Not small.", 0.6),  # only one option ruled out
-        ("Purple nuclei, crowded. Not small. Option C is unlikely", 0.6),  # no knowledge term
-        ("Purple nuclei, crowded. Not small.", 0.2),  # two missing: 1 - 0.8
+        ("Pleomorphism. Not small. Option C is unlikely", 0.0),  # no image features, so no claim: 0
+        ("Purple nuclei are enlarged, with pleomorphism. Not small.", 0.6),  # only one option ruled out
+        ("Purple nuclei are crowded. Not small. Option C is unlikely", 0.6),  # no knowledge term
+        ("Purple nuclei are crowded. Not small.", 0.2),  # two missing: 1 - 0.8
         ("It is this one.", 0.0),  # three missing: 1 - 1.2, floored at 0
     ],
 )
@@ -48,7 +48,7 @@ def test_integrity_loses_0_4_per_missing_element(reasoning, integrity):
 def test_ruling_out_the_chosen_option_does_not_count_as_elimination():
     # B ruled out, and A (the answer) "not" mentioned -> only one OTHER option eliminated,
     # and the answer was ruled out: a contradiction.
-    integrity, knowledge = rubric_scores(think("Purple nuclei, pleomorphism. Not small. Not large."), REC)
+    integrity, knowledge = rubric_scores(think("Purple nuclei are seen, with pleomorphism. Not small. Not large."), REC)
     assert (integrity, knowledge) == (0.6, 0.6)
 
 

@@ -74,6 +74,21 @@ def test_two_stage_chain_runs_reports_and_then_skips(tmp_path, monkeypatch):
         assert image.size[0] > 0
     with Image.open("runs/demo/report/rewards.png") as image:  # from stage b's TensorBoard scalars
         assert image.size[0] > 0
+    # the demo plan's counterfactual variants (test only) and the embedded set's chain faithfulness
+    counterfactual = report["counterfactual"]["stages"]
+    for stage in ("a", "b"):
+        assert {"blank_accuracy", "swapped_accuracy", "no_image_accuracy", "image_reliance",
+                "option_consistency"} <= set(counterfactual[stage])
+        for name in ("blank", "swapped", "no_image", "shuffled"):
+            variant = Path(f"runs/demo/report/{stage}/predictions_test.{name}.jsonl").read_text().splitlines()
+            assert {json.loads(line)["id"] for line in variant} == test_items
+        assert not Path(f"runs/demo/report/{stage}/predictions_ood.blank.jsonl").exists()
+    assert {"image_reliance", "option_consistency"} <= set(report["counterfactual"]["comparisons"][0]["columns"])
+    assert set(report["faithfulness"]["stages"]) == {"a", "b"}
+    text = Path("runs/demo/report/report.md").read_text()
+    assert "## Counterfactual inputs" in text and "## Chain faithfulness" in text
+    with Image.open("runs/demo/report/counterfactual.png") as image:
+        assert image.size[0] > 0
 
     launched.clear()
     PipelineRunner(load_plan("plan.yaml"), launcher=launcher, echo=lambda _: None).run()

@@ -16,6 +16,7 @@ import yaml
 
 from pathvlm_lightning.eval.scoring import Prediction
 from pathvlm_lightning.pipeline import PipelineRunner, PlanError, StageFailed, load_plan
+from pathvlm_lightning.eval.counterfactual import variant_path
 from pathvlm_lightning.pipeline.tables import write_pipeline_report
 
 
@@ -92,7 +93,23 @@ class FakeCLI:
         right = {"a": 2, "b": 3}.get(stage, 0)
         lines = [_prediction(i, i < right, "CT" if ood else "H&E") for i in range(4)]
         target.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        if any(a.startswith("--data.init_args.counterfactuals=[blank") for a in args) and not ood:
+            for name, right_under in COUNTERFACTUAL_RIGHT[stage].items():
+                variant = [_prediction(i, i < right_under) for i in range(4)]
+                if name == "shuffled":  # the options swapped: a consistent answer names the other letter
+                    for row in variant:
+                        row["options"] = {"A": "y", "B": "x"}
+                        row["predicted_letter"] = "B" if row["id"] in CONSISTENT[stage] else "A"
+                variant_path(target, name).write_text("".join(json.dumps(line) + "\n" for line in variant))
         return 0
+
+
+# Items right under each counterfactual (the first n of q0..q3), and the items whose shuffled answer keeps its text.
+COUNTERFACTUAL_RIGHT = {
+    "a": {"blank": 1, "swapped": 1, "no_image": 1, "shuffled": 2},
+    "b": {"blank": 1, "swapped": 0, "no_image": 1, "shuffled": 2},
+}
+CONSISTENT = {"a": {"q0", "q1"}, "b": {"q0", "q1", "q2"}}
 
 
 def _steps(calls: list[list[str]]) -> list[tuple[str, str]]:
@@ -204,3 +221,43 @@ def test_shipped_plans_load_with_every_stage_wired_to_its_upstream(plan, monkeyp
     assert [s.info.kind for s in loaded.stages.values()] == ["sft", "sft", "grpo", "grpo", "sft", "sft", "grpo"]
     assert ("beta", "alpha") in loaded.comparisons and ("beta", "gamma") in loaded.comparisons
     assert f"python -m pathvlm_lightning pipeline --plan {plan}" in Path(plan).read_text()
+
+
+def test_report_has_the_counterfactual_columns_ci_and_png(tmp_path):
+    plan = yaml.safe_load(_plan(tmp_path).read_text())
+    plan["eval_overrides"] = ["--data.init_args.counterfactuals=[blank,swapped,no_image,shuffled]"]
+    plan["ood_overrides"].append("--data.init_args.counterfactuals=[]")
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    runner = PipelineRunner(load_plan(tmp_path / "plan.yaml"), launcher=FakeCLI(), echo=lambda _: None)
+    runner.run()
+    report = write_pipeline_report(runner, plots=True)
+    rows = report["counterfactual"]["stages"]
+    # a: right on q0, q1 (0.5); swapped right on q0 -> reliance 0.5 - 0.25. b: right on q0-q2 (0.75), never
+    # with a swapped image -> 0.75. Option consistency: the shuffled answer names the original text on
+    # q0, q1 (a) and q0-q2 (b).
+    assert (rows["a"]["accuracy"], rows["a"]["swapped_accuracy"], rows["a"]["image_reliance"]) == (0.5, 0.25, 0.25)
+    assert (rows["b"]["accuracy"], rows["b"]["swapped_accuracy"], rows["b"]["image_reliance"]) == (0.75, 0.0, 0.75)
+    assert (rows["a"]["option_consistency"], rows["b"]["option_consistency"]) == (0.5, 0.75)
+    assert rows["b"]["blank_accuracy"] == rows["b"]["no_image_accuracy"] == 0.25
+    assert rows["b"]["ci"]["image_reliance"][0] <= 0.75 <= rows["b"]["ci"]["image_reliance"][1]
+    (comparison,) = report["counterfactual"]["comparisons"]
+    columns = comparison["columns"]
+    assert (comparison["a"], comparison["b"]) == ("b", "a")
+    assert columns["image_reliance"]["diff"] == pytest.approx(0.5)  # per item: b [1,1,1,0] - a [0,1,0,0]
+    assert columns["swapped_accuracy"]["diff"] == pytest.approx(-0.25)
+    assert columns["option_consistency"]["diff"] == pytest.approx(0.25)
+    assert all(c["ci_low"] <= c["diff"] <= c["ci_high"] and c["num_items"] == 4 for c in columns.values())
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Counterfactual inputs" in text and "| b vs a | +25.0 [" in text  # accuracy b - a
+    assert "image reliance %" in text
+    png = tmp_path / "report" / "counterfactual.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the OOD run got no variants; a re-evaluation removes the stale variant files first
+    assert not (tmp_path / "report" / "a" / "predictions_ood.blank.jsonl").exists()
+    stale = tmp_path / "report" / "a" / "predictions_test.blank.jsonl"
+    assert stale.is_file()
+    plan["eval_overrides"] = []
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    (tmp_path / "report" / "a" / "predictions_test.jsonl").unlink()
+    PipelineRunner(load_plan(tmp_path / "plan.yaml"), launcher=FakeCLI(), echo=lambda _: None).run(["a"])
+    assert (tmp_path / "report" / "a" / "predictions_test.jsonl").is_file() and not stale.exists()

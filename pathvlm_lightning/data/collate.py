@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pathvlm_lightning.data.counterfactual import VARIANT_KEY, blank_like
 from pathvlm_lightning.data.images import load_image
 from pathvlm_lightning.data.prompt import PROMPT_TEMPLATE, build_messages, sft_target
 from pathvlm_lightning.data.records import BatchRecords, VQARecord
@@ -45,12 +46,21 @@ class _ProcessorCollator:
         self.policy = RecordPolicy(name, on_invalid)
 
     def prompt_text(self, record: VQARecord) -> str:
+        with_image = record.extra.get(VARIANT_KEY) != "no_image"
         return self.processor.apply_chat_template(
-            build_messages(record, self.template), tokenize=False, add_generation_prompt=True
+            build_messages(record, self.template, with_image=with_image), tokenize=False, add_generation_prompt=True
         )
 
     def encode(self, texts: list[str], records: list[VQARecord], padding_side: str) -> dict[str, torch.Tensor]:
-        images = [load_image(record.image) for record in records]
+        """The processor's batch; a record's counterfactual (``extra["counterfactual"]``, see
+        ``data/counterfactual.py``) blanks its image or leaves it out."""
+        variants = {record.extra.get(VARIANT_KEY) for record in records}
+        if "no_image" in variants and len(variants) > 1:
+            raise ValueError(f"{self.policy.report.source}: a batch mixes image-free and image records")
+        images = None
+        if variants != {"no_image"}:
+            images = [load_image(record.image) for record in records]
+            images = [blank_like(im) if r.extra.get(VARIANT_KEY) == "blank" else im for r, im in zip(records, images)]
         try:
             encoded = self.processor(
                 text=texts, images=images, return_tensors="pt", padding=True, padding_side=padding_side

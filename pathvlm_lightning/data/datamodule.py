@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from pathvlm_lightning.data.counterfactual import CounterfactualCollator, check_counterfactuals
 from pathvlm_lightning.data.collate import PromptCollator, SFTCollator
 from pathvlm_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits
 from pathvlm_lightning.data.image_paths import check_path_map
@@ -126,6 +127,10 @@ class VQADataModule(LightningDataModule):
         embedded_records, embedded_root: size and cache folder (default ``<split_dir>/embedded``,
             ``<split_dir>/embedded_ood`` for the OOD set) of the embedded set.
         embedded_ood_per_modality: questions per modality of the embedded OOD set (3 modalities).
+        counterfactuals: test batches also carry these counterfactual variants of their records
+            (``blank``, ``swapped``, ``no_image``, ``shuffled``: see ``data/counterfactual.py``),
+            each answered and scored by ``test``; default none.
+        counterfactual_seed: seeds the swapped images and shuffled options (default: ``seed``).
     """
 
     def __init__(
@@ -156,6 +161,8 @@ class VQADataModule(LightningDataModule):
         embedded_records: int = 6000,
         embedded_root: str | None = None,
         embedded_ood_per_modality: int = 300,
+        counterfactuals: list[str] | None = None,
+        counterfactual_seed: int | None = None,
     ) -> None:
         super().__init__()
         if record_style not in RECORD_STYLES:
@@ -168,6 +175,7 @@ class VQADataModule(LightningDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value!r}")
         if embedded_ood_per_modality < 1:
             raise ValueError(f"embedded_ood_per_modality must be at least 1, got {embedded_ood_per_modality!r}")
+        check_counterfactuals(counterfactuals)
         FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
         ImageLimits(max_pixels=max_image_pixels)  # and on a bad limit
         check_path_map(image_path_map)
@@ -280,7 +288,9 @@ class VQADataModule(LightningDataModule):
             return SFTCollator(self.processor, max_length=h.max_length, on_invalid=h.on_invalid, name=name)
         return PromptCollator(self.processor, max_prompt_length=h.max_prompt_length, on_invalid=h.on_invalid, name=name)
 
-    def _loader(self, split: str, kind: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, split: str, kind: str, batch_size: int, shuffle: bool, counterfactuals: bool = False
+    ) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"split {split!r} is not loaded: call setup() for the stage that uses it first")
         dataset = self.datasets[split]
@@ -292,7 +302,9 @@ class VQADataModule(LightningDataModule):
             # Its own generator: starting an epoch never draws from the global RNG, whose state
             # RolloutCallback checkpoints, so a resumed run samples the completions the original did.
             generator=torch.Generator().manual_seed(self.hparams.seed),
-            collate_fn=self._split_batch_collator(split, kind),
+            collate_fn=(
+                self._counterfactual_collator(split, kind) if counterfactuals else self._split_batch_collator(split, kind)
+            ),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
@@ -310,8 +322,17 @@ class VQADataModule(LightningDataModule):
             return []
         return self._loader(self.hparams.val_split, self.hparams.batch_kind, self._eval_batch_size, shuffle=False)
 
+    def _counterfactual_collator(self, split: str, kind: str) -> CounterfactualCollator:
+        h = self.hparams
+        seed = h.seed if h.counterfactual_seed is None else h.counterfactual_seed
+        base = self._split_batch_collator(split, kind)
+        return CounterfactualCollator(base, self.datasets[split].records, h.counterfactuals, seed)
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test_split, "prompt", self._eval_batch_size, shuffle=False)
+        return self._loader(
+            self.hparams.test_split, "prompt", self._eval_batch_size, shuffle=False,
+            counterfactuals=bool(self.hparams.counterfactuals),
+        )
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.predict_split, "prompt", self._eval_batch_size, shuffle=False)

@@ -102,6 +102,35 @@ def paired_difference(
     )
 
 
+def paired_mean_difference(
+    a: Mapping[str, float],
+    b: Mapping[str, float],
+    *,
+    num_resamples: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Paired-bootstrap interval of ``mean(a) - mean(b)`` for per-item values of any sign (e.g. an
+    item's image reliance, its correctness minus its correctness with a swapped image, in {-1, 0, 1}).
+    The two sides must cover the same ids, as in :func:`paired_difference`.
+
+    >>> d = paired_mean_difference({"q1": 1.0, "q2": -1.0, "q3": 0.0}, {"q1": 0.0, "q2": -1.0, "q3": 0.0})
+    >>> round(d.estimate, 4), d.num_items
+    (0.3333, 3)
+    """
+    if set(a) != set(b) or not a:
+        raise ValueError(
+            f"paired_mean_difference: the two sides must hold the same, non-empty ids ({len(a)} and {len(b)} ids, "
+            f"{len(set(a) ^ set(b))} on one side only)"
+        )
+    ids = sorted(a)
+    per_item = np.asarray([float(a[i]) - float(b[i]) for i in ids], dtype=np.float64)  # [N]
+    if not np.isfinite(per_item).all():
+        raise ValueError("paired_mean_difference: values must be finite")
+    low, high = _percentile_interval(per_item, num_resamples=num_resamples, level=level, seed=seed)
+    return Interval(estimate=float(per_item.mean()), low=low, high=high, num_items=len(ids))
+
+
 def _as_binary(values: Sequence[bool], caller: str) -> np.ndarray:
     """``values`` as a float64 array of 0/1, refusing anything that is not a boolean outcome."""
     array = np.asarray(values)

@@ -1,7 +1,8 @@
 """How consistent is the judge? Score the same saved completions K times and compare the rankings.
 
     python -m pathvlm_lightning.eval.judge_consistency --predictions preds.jsonl --repeats 3 \\
-        [--records test.jsonl] [--judge.model gpt-4o] [--judge.base_url URL] [--output rho.json]
+        [--records test.jsonl] [--master_keys 4] [--judge.model gpt-4o] [--judge.base_url URL] \\
+        [--output rho.json]
 
 Each line of ``--predictions`` holds a record's fields (``id``, ``question``, ``options``,
 ``answer``, ``image``) and the ``completion``, as the evaluation's ``predictions_*.jsonl`` do, so
@@ -12,6 +13,12 @@ cache is always off here, or every repeat would return the first one's scores.
 
 Reports Spearman's rho between the rewards of every pair of repeats and their mean (the paper:
 0.785-0.814 over 500 chains and three runs).
+
+It also sends the master-key battery (:mod:`pathvlm_lightning.rewards.master_keys`: ":",
+"Thought process:", an empty think block, the options pasted back, ... each with the right answer)
+for the first ``--master_keys`` records, once each, and reports how often the judge is fooled: the
+share of those replies whose process reward is above ``FOOLED_ABOVE`` (0.2). Replies the judge gave
+no verdict for (fallbacks) are left out of the rate and counted apart. ``--master_keys 0`` skips it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.rewards.judge.client import JudgeClient
 from pathvlm_lightning.rewards.judge.config import JudgeConfig
 from pathvlm_lightning.rewards.judge.request import JudgeItem
+from pathvlm_lightning.rewards.master_keys import FOOLED_ABOVE, master_key_replies
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +142,34 @@ def consistency(items: list[JudgeItem], config: JudgeConfig, repeats: int) -> di
     }
 
 
+def master_key_rate(items: list[JudgeItem], config: JudgeConfig, records: int) -> dict[str, Any]:
+    """Judge the master-key battery for the first ``records`` distinct records of ``items`` once; the
+    share of replies (fallbacks left out) whose reward is above :data:`FOOLED_ABOVE`, overall and by kind."""
+    chosen: dict[str, Any] = {}
+    for item in items:
+        if len(chosen) < records:
+            chosen.setdefault(item.record.id, item.record)
+    battery = [(name, JudgeItem.of(record, reply)) for record in chosen.values()
+               for name, reply in master_key_replies(record).items()]
+    results = JudgeClient(replace(config, cache_path=None)).score_batch([item for _, item in battery])
+    judged = [(name, r.scores.reward) for (name, _), r in zip(battery, results) if r.source != "fallback"]
+    kinds = sorted({name for name, _ in battery})
+
+    def rate(rewards: list[float]) -> float:
+        return sum(reward > FOOLED_ABOVE for reward in rewards) / len(rewards) if rewards else float("nan")
+
+    return {
+        "records": len(chosen),
+        "replies": len(battery),
+        "judged": len(judged),
+        "fallbacks": len(battery) - len(judged),
+        "fooled_above": FOOLED_ABOVE,
+        "fooled_rate": rate([reward for _, reward in judged]),
+        "fooled_rate_by_kind": {kind: rate([r for name, r in judged if name == kind]) for kind in kinds},
+        "mean_reward": sum(r for _, r in judged) / len(judged) if judged else float("nan"),
+    }
+
+
 def _parser() -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(
@@ -143,6 +179,10 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--predictions", type=str, required=True, help="JSONL of records + completion.")
     parser.add_argument("--records", type=str | None, default=None, help="JSONL records supplying missing fields.")
     parser.add_argument("--repeats", type=int, default=3, help="How many times each completion is judged.")
+    parser.add_argument(
+        "--master_keys", type=int, default=4,
+        help="Send the master-key battery for this many records and report how often the judge is fooled (0: skip).",
+    )
     parser.add_argument("--output", type=str | None, default=None, help="Write the report as JSON here.")
     parser.add_class_arguments(JudgeConfig, "judge")
     return parser
@@ -152,11 +192,23 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     parser = _parser()
     namespace = parser.parse_args(args)
     config = parser.instantiate(namespace).judge
-    report = consistency(load_items(namespace.predictions, namespace.records), config, namespace.repeats)
+    if namespace.master_keys < 0:
+        raise ValueError(f"judge_consistency: --master_keys must be >= 0, got {namespace.master_keys}")
+    items = load_items(namespace.predictions, namespace.records)
+    report = consistency(items, config, namespace.repeats)
+    if namespace.master_keys:
+        report["master_keys"] = master_key_rate(items, config, namespace.master_keys)
     for pair, rho in report["spearman"].items():
         print(f"runs {pair}: Spearman rho {rho:.3f}")
     print(f"mean over {len(report['spearman'])} pairs, {report['completions']} completions: "
           f"{report['mean_spearman']:.3f} (paper: 0.785-0.814); fallbacks per run {report['fallbacks']}")
+    if "master_keys" in report:
+        keys = report["master_keys"]
+        worst = sorted(keys["fooled_rate_by_kind"].items(), key=lambda kv: -(kv[1] if kv[1] == kv[1] else -1))
+        print(f"master keys: judge fooled (reward > {keys['fooled_above']}) by {keys['fooled_rate']:.1%} of "
+              f"{keys['judged']} content-free replies (mean reward {keys['mean_reward']:.3f}; "
+              f"{keys['fallbacks']} without a verdict); by kind: "
+              + ", ".join(f"{kind} {value:.0%}" for kind, value in worst))
     if namespace.output:
         Path(namespace.output).write_text(json.dumps(report, indent=2))
     return report

@@ -50,6 +50,60 @@ def plot_stage_accuracy(report: Mapping[str, Any], path: str | os.PathLike) -> P
     return _save(fig, path)
 
 
+#: The counterfactual figure's bars per stage: (report column, legend label, colour).
+COUNTERFACTUAL_BARS = (
+    ("accuracy", "original", "tab:blue"),
+    ("blank_accuracy", "blank image", "tab:gray"),
+    ("swapped_accuracy", "swapped image", "tab:red"),
+    ("no_image_accuracy", "no image", "tab:olive"),
+    ("shuffled_accuracy", "shuffled options", "tab:purple"),
+)
+
+
+def plot_counterfactuals(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Grouped bars per stage: accuracy on the original inputs and under each counterfactual the
+    report has, with the report's intervals as whiskers; a second panel shows image reliance and
+    option consistency. A model that looks at the image has its blue bar far above the red one."""
+    section = report.get("counterfactual") or {}
+    stages: Mapping[str, Mapping[str, Any]] = section.get("stages") or {}
+    if not stages:
+        raise ValueError("plot_counterfactuals: the report has no counterfactual evaluation")
+    level = round(100 * (report.get("settings") or {}).get("level", 0.95))
+    names = list(stages)
+    bars = [bar for bar in COUNTERFACTUAL_BARS if any(stages[n].get(bar[0]) is not None for n in names)]
+    fig, axes = _figure(2)
+    width = 0.8 / len(bars)
+    for k, (key, label, colour) in enumerate(bars):
+        xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(names))]
+        _grouped(axes[0], xs, [stages[n] for n in names], key, width, label, colour)
+    axes[0].set_title(f"Test accuracy under counterfactual inputs ({level}% CI)")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylim(0, 100)
+    derived = [bar for bar in (("image_reliance", "image reliance", "tab:red"),
+                               ("option_consistency", "option consistency", "tab:purple"))
+               if any(stages[n].get(bar[0]) is not None for n in names)]
+    for k, (key, label, colour) in enumerate(derived):
+        xs = [i + (k - (len(derived) - 1) / 2) * 0.4 for i in range(len(names))]
+        _grouped(axes[1], xs, [stages[n] for n in names], key, 0.4, label, colour)
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    axes[1].set_title("Image reliance and option consistency")
+    axes[1].set_ylabel("points / %")
+    axes[1].set_ylim(-100 if any((stages[n].get("image_reliance") or 0) < 0 for n in names) else 0, 100)
+    for ax in axes:
+        ax.set_xticks(range(len(names)), names)
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _grouped(ax: Any, xs: list[float], rows: list[Mapping[str, Any]], key: str, width: float, label: str, colour: str) -> None:
+    values = [100 * (row.get(key) or 0.0) for row in rows]
+    cis = [row.get("ci", {}).get(key) for row in rows]
+    below = [v - 100 * ci[0] if ci else 0.0 for v, ci in zip(values, cis)]
+    above = [100 * ci[1] - v if ci else 0.0 for v, ci in zip(values, cis)]
+    ax.bar(xs, values, width=width, yerr=[below, above], capsize=2, color=colour, label=label)
+
+
 def read_scalars(tb_dir: str | os.PathLike, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
     """Every logged point of ``tags`` in the TensorBoard event files anywhere under ``tb_dir``.
 

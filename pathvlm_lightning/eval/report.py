@@ -13,11 +13,14 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pathvlm_lightning.eval.bootstrap import accuracy_interval, paired_difference
+from pathvlm_lightning.eval.bootstrap import accuracy_interval, paired_difference, paired_mean_difference
+from pathvlm_lightning.eval.counterfactual import report_section, section_markdown
+from pathvlm_lightning.eval.faithfulness import faithfulness_markdown, stage_faithfulness
+from pathvlm_lightning.eval.faithfulness import per_item as faithfulness_per_item
 from pathvlm_lightning.eval.scoring import Prediction, summarize, summarize_by
 
 _LEVEL = 0.95
@@ -34,6 +37,7 @@ class StageEval:
     test: list[Prediction]
     ood: list[Prediction] | None = None
     note: str = ""  # one line shown under the stage table, e.g. "SFT on PathMMU train, 3 epochs"
+    variants: dict[str, list[Prediction]] = field(default_factory=dict)  # counterfactual name -> test predictions
 
 
 def load_predictions(path: str | os.PathLike) -> list[Prediction]:
@@ -140,7 +144,30 @@ def build_report(
     for stage in stages:
         if stage.ood:
             report["ood"][stage.name] = _ood_row(stage.ood, bootstrap)
+    with_variants = {stage.name: (stage.test, stage.variants) for stage in stages if stage.variants}
+    if with_variants:
+        report["counterfactual"] = report_section(with_variants, list(comparisons), bootstrap)
+    faithful = {stage.name: row for stage in stages if (row := stage_faithfulness(stage.test)) is not None}
+    if faithful:
+        compared = _faithfulness_comparisons(by_name, faithful, comparisons, bootstrap)
+        report["faithfulness"] = {"stages": faithful, "comparisons": compared}
     return report
+
+
+def _faithfulness_comparisons(by_name, faithful, comparisons, bootstrap) -> list[dict[str, Any]]:
+    out = []
+    for a, b in comparisons:
+        if a not in faithful or b not in faithful:
+            continue
+        values_a, values_b = faithfulness_per_item(by_name[a].test), faithfulness_per_item(by_name[b].test)
+        columns = {}
+        for key, column in values_a.items():
+            ids = set(column) & set(values_b[key])
+            if ids:
+                d = paired_mean_difference({i: column[i] for i in ids}, {i: values_b[key][i] for i in ids}, **bootstrap)
+                columns[key] = {"diff": d.estimate, "ci_low": d.low, "ci_high": d.high, "num_items": d.num_items}
+        out.append({"a": a, "b": b, "columns": columns})
+    return out
 
 
 def _stage_row(stage: StageEval, bootstrap: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +273,12 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("No out-of-domain predictions.")
+
+    if report.get("counterfactual"):
+        lines += ["", *section_markdown(report["counterfactual"], level)]
+    if report.get("faithfulness"):
+        section = report["faithfulness"]
+        lines += ["", *faithfulness_markdown(section["stages"], section["comparisons"], level)]
 
     timings: dict[str, dict[str, float]] = report.get("timings_seconds", {})  # set by the pipeline runner
     if any(timings.values()):

@@ -33,6 +33,7 @@ class Prediction:
     format_ok: bool
     output_tokens: int
     truncated: bool = False
+    spec: dict | None = None  # what the image truly shows, when the data knows it (embedded: extra["spec"])
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -58,6 +59,7 @@ def score_prediction(
         format_ok=format_reward(completion) == 1.0,
         output_tokens=int(output_tokens),
         truncated=bool(truncated),
+        spec=dict(record.extra["spec"]) if isinstance(record.extra.get("spec"), dict) else None,
     )
 
 

@@ -4,6 +4,12 @@ Each record is answered once with greedy decoding; the answer is graded with the
 accuracy and format rewards (``eval/scoring.py``). ``test`` logs accuracy overall and per question
 type (``subset``) and ``modality``, format compliance and average output tokens, and writes every
 prediction with its reasoning to JSONL.
+
+When the test batches carry counterfactual variants (``batch["counterfactuals"]``, see
+``data/counterfactual.py``), each is answered too: ``test/<variant>/accuracy`` and
+``/format_compliance`` are logged with ``test/image_reliance`` and ``test/option_consistency``
+(``eval/counterfactual.py``), and each variant's predictions go beside the original's
+(``predictions_test.<variant>.jsonl``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch.distributed as dist
 from torchmetrics.aggregation import MeanMetric
 
 from pathvlm_lightning.backbone.decoding import decode_completions
+from pathvlm_lightning.eval.counterfactual import stage_row, variant_path
 from pathvlm_lightning.eval.scoring import Prediction, score_prediction, summarize, summarize_by
 
 
@@ -27,6 +34,7 @@ class GenerationEvaluation:
         self.predictions_path = predictions_path
         self.test_accuracy = MeanMetric()
         self._predictions: list[Prediction] = []
+        self._variant_predictions: dict[str, list[Prediction]] = {}
 
     @torch.no_grad()
     def answer_batch(self, batch: dict) -> list[Prediction]:
@@ -43,11 +51,14 @@ class GenerationEvaluation:
 
     def on_test_epoch_start(self) -> None:
         self._predictions = []
+        self._variant_predictions = {}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         preds = self.answer_batch(batch)
         self._predictions.extend(preds)
         self.test_accuracy.update(torch.tensor([float(p.correct) for p in preds]))
+        for name, variant in batch.get("counterfactuals", {}).items():
+            self._variant_predictions.setdefault(name, []).extend(self.answer_batch(variant))
 
     def on_test_epoch_end(self) -> None:
         self.log("test/accuracy", self.test_accuracy.compute(), prog_bar=True)
@@ -60,10 +71,21 @@ class GenerationEvaluation:
         for key in ("subset", "modality"):
             for name, s in summarize_by(predictions, key).items():
                 self.log(f"test/accuracy_{key}/{name}", s.accuracy)
+        variants = {name: _gather(preds) for name, preds in sorted(self._variant_predictions.items())}
+        if variants:
+            row = stage_row(predictions, variants)
+            for name in variants:
+                self.log(f"test/{name}/accuracy", float(row[f"{name}_accuracy"]))
+                self.log(f"test/{name}/format_compliance", float(row["format"][name]))
+            for key in ("image_reliance", "option_consistency"):
+                if row.get(key) is not None:
+                    self.log(f"test/{key}", float(row[key]))
         if self.trainer.is_global_zero:
             path = self._predictions_file("test")
             _write_jsonl(path, predictions)
             self.print(f"wrote {overall.count} predictions to {path}")
+            for name, preds in variants.items():
+                _write_jsonl(variant_path(path, name), preds)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         return [p.to_json() for p in self.answer_batch(batch)]

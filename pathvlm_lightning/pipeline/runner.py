@@ -212,8 +212,8 @@ class PipelineRunner:
             *self.plan.eval_overrides,
             *overrides,
         ]
-        if target.exists():
-            target.unlink()
+        for stale in (target, *target.parent.glob(f"{target.stem}.*{target.suffix}")):  # + counterfactual variants
+            stale.unlink(missing_ok=True)
         self.echo(f"[{stage.name}] {split}: evaluating {model}")
         seconds = self._launch(stage, split, args)
         if not target.is_file():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pathvlm_lightning.data.counterfactual import COUNTERFACTUALS
+from pathvlm_lightning.eval.counterfactual import variant_path
 from pathvlm_lightning.eval.report import StageEval, build_report, load_predictions, write_report
 from pathvlm_lightning.pipeline.runner import PipelineRunner
 
@@ -23,6 +25,11 @@ def collect(runner: PipelineRunner) -> list[StageEval]:
                 test=load_predictions(test),
                 ood=load_predictions(ood) if ood.is_file() else None,
                 note=stage.description,
+                variants={
+                    name: load_predictions(variant_path(test, name))
+                    for name in COUNTERFACTUALS
+                    if variant_path(test, name).is_file()
+                },
             )
         )
     return evals
@@ -42,6 +49,10 @@ def write_pipeline_report(runner: PipelineRunner, plots: bool = True) -> dict[st
         from pathvlm_lightning.eval.plots import plot_reward_curves, plot_stage_accuracy
 
         plot_stage_accuracy(report, out / "accuracy.png")
+        if report.get("counterfactual"):
+            from pathvlm_lightning.eval.plots import plot_counterfactuals
+
+            plot_counterfactuals(report, out / "counterfactual.png")
         tb_dirs = {
             s.name: s.info.tensorboard_dir
             for s in plan.stages.values()

@@ -7,7 +7,11 @@ colour, an answer the reasoning ruled out, a retired diagnosis). It lets the who
 with no API key and no network; it is not the paper's reward.
 
 Scores follow the paper's arithmetic: integrity = 1 - 0.4 per missing element, knowledge =
-1 - 0.4 per kind of error, both floored at 0 (so each is one of 1.0, 0.6, 0.2, 0.0).
+1 - 0.4 per kind of error, both floored at 0 (so each is one of 1.0, 0.6, 0.2, 0.0), with one
+change: a chain that makes no claim about the image (:func:`image_claims`) scores 0 on both. The
+paper's knowledge score starts at 1 and only loses for errors, so a chain that says nothing (":",
+"Thought process:", an empty think block) made no error and earned it in full: half the process
+reward for nothing (the "master key" replies of arXiv 2507.08794).
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ _OUTDATED = re.compile(
     r"gliomatosis cerebri",
     re.IGNORECASE,
 )
+_STATING = re.compile(
+    r"\b(is|are|was|were|be|been|shows?|showing|shown|appears?|appearing|looks?|lies?|lie|lying|seems?|"
+    r"has|have|having|contains?|containing|fills?|filling|displays?|exhibits?|demonstrates?|reveals?|"
+    r"sits?|sitting|visible|seen|sees?|stains?|stained|crowds?|occupy|occupies|measures?|measuring)\b",
+    re.IGNORECASE,
+)
+_META = re.compile(r"\b(question|asks?|asked|asking)\b", re.IGNORECASE)
+#: A claim is a sentence in which at most this share of the words are rubric terms (a salad is all terms).
+MAX_TERM_SHARE = 0.8
+#: A reasoning of 20+ words with fewer than this share of distinct words is a repetition: no claims.
+MIN_DISTINCT_SHARE = 0.4
 _JOINER = re.compile(r"[\s,]*(?:(?:and|or|nor)\b[\s,]*)?", re.IGNORECASE)
 _SENTENCES = re.compile(r"[^.!?;\n]+")
 _WORD = re.compile(r"[\w'&]+")
@@ -163,10 +178,61 @@ def _wrong_definition(reasoning: str) -> bool:
     return False
 
 
+def _without_question(text: str, question: str) -> str:
+    words = normalize_text(question).split()
+    if not words:
+        return text
+    pattern = r"(?<!\w)" + r"\W+".join(map(re.escape, words)) + r"(?!\w)"
+    return re.sub(pattern, " ", text, flags=re.IGNORECASE)
+
+
+def image_claims(reasoning: str, record: VQARecord) -> list[str]:
+    """The sentences of ``reasoning`` that state something about the image, by words alone.
+
+    A claim is a sentence, not a question, that has an image-feature word ("nuclei", "purple",
+    "crowded", ...) and a stating verb ("are", "shows", "lie", ...), in which at most 80% of the
+    words are rubric terms (a salad of terms states nothing), and that is not a repeat of an
+    earlier claim. Quotes of the option texts and of the question are blanked first, and a
+    sentence about the question ("the question asks ...") is not about the image. A reasoning of
+    20 words or more in which fewer than 40% of the words are distinct is a repetition: no claims.
+
+    >>> rec = VQARecord(id="q", image="x.png", question="How large are the nuclei?",
+    ...                 options={"A": "Small", "B": "Large"}, answer="B")
+    >>> image_claims("The nuclei are large and crowded. Nuclei pleomorphism mitoses atypia. "
+    ...              "How large are the nuclei? The question asks about nuclear size.", rec)
+    ['The nuclei are   and crowded']
+    >>> image_claims("Thought process:", rec), image_claims("A) Small B) Large", rec)
+    ([], [])
+    """
+    reasoning = reasoning_of(reasoning)  # a whole completion is read through its think block
+    text = _without_question(_without_option_texts(reasoning, dict(record.options)), record.question)
+    words = _WORD.findall(text)
+    if len(words) >= 20 and len({w.casefold() for w in words}) < MIN_DISTINCT_SHARE * len(words):
+        return []
+    claims: list[str] = []
+    seen: set[str] = set()
+    for match in re.finditer(r"[^.!?;\n]+[.!?;]?", text):
+        sentence = match.group(0)
+        words = _WORD.findall(sentence)
+        if not words or sentence.rstrip().endswith("?") or _META.search(sentence):
+            continue
+        if not (_IMAGE_FEATURES.search(sentence) and _STATING.search(sentence)):
+            continue
+        terms = len(_IMAGE_FEATURES.findall(sentence)) + len(_KNOWLEDGE.findall(sentence))
+        key = " ".join(w.casefold() for w in words)
+        if terms > MAX_TERM_SHARE * len(words) or key in seen:
+            continue
+        seen.add(key)
+        claims.append(sentence.strip().rstrip(".!;").strip())
+    return claims
+
+
 def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
     """(integrity, knowledge) of the reasoning in ``completion`` (its ``<think>`` text, or all of it).
 
-    Integrity loses 0.4 for each missing: two or more distinct image-feature words; at least two
+    A reasoning with no claim about the image (:func:`image_claims`) scores (0.0, 0.0): no credit
+    for saying nothing, restating the question, pasting the options or repeating terms. Otherwise
+    integrity loses 0.4 for each missing: two or more distinct image-feature words; at least two
     options other than the chosen one ruled out; a pathology term. Words inside a quote of one of
     the record's option texts count towards neither the features nor the terms, so the score does
     not depend on which option the chain concludes or rules out. Knowledge loses 0.4 for each
@@ -176,22 +242,27 @@ def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
 
     >>> rec = VQARecord(id="q1", image="x.png", question="Nuclear size?",
     ...                 options={"A": "Large", "B": "Small", "C": "Spindle", "D": "Round"}, answer="A")
-    >>> good = ("<think>H&E: purple nuclei, large and crowded, with pleomorphism. Not small; "
+    >>> good = ("<think>H&E: purple nuclei are large and crowded, with pleomorphism. Not small; "
     ...         "option C is unlikely, no spindle shapes.</think><answer>A) Large</answer>")
     >>> rubric_scores(good, rec)
     (1.0, 1.0)
     >>> bad = "<think>The nuclei are not large. The answer is B.</think><answer>A) Large</answer>"
     >>> rubric_scores(bad, rec)  # "large" is an option's text: "nuclei" is its only feature word
     (0.0, 0.6)
+    >>> rubric_scores("<think></think><answer>A) Large</answer>", rec), rubric_scores(":", rec)
+    ((0.0, 0.0), (0.0, 0.0))
     """
     reasoning = reasoning_of(completion)
     options = dict(record.options)
     parsed = extract_answer(completion, options)
     chosen = resolve_choice(parsed, options)
+    claims = image_claims(reasoning, record)
+    if not claims:
+        return 0.0, 0.0
     negated = negated_options(reasoning, options)
 
     described = _without_option_texts(reasoning, options)
-    features = {m.casefold() for m in _IMAGE_FEATURES.findall(described)}
+    features = {m.casefold() for claim in claims for m in _IMAGE_FEATURES.findall(claim)}
     missing = (len(features) < 2) + (len(negated - {chosen}) < 2) + (_KNOWLEDGE.search(described) is None)
 
     letter_text_clash = parsed.letter is not None and chosen is None and parsed.text is not None and any(

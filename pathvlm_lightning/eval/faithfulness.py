@@ -1,0 +1,198 @@
+"""Chain faithfulness where the truth is known: every feature claim a chain makes, checked against the tile.
+
+The embedded set's generator knows each tile's features (``extra["spec"]``: stain, nuclear size
+grade, density grade; ``data/synthetic.py``) and its demonstrations describe them in a fixed
+vocabulary ("tiny dots about 5 pixels across", "About thirty nuclei crowd the tile", "so not
+enlarged", "the background is pale blue and most nuclei are brown"). :func:`feature_claims` reads
+the claims a chain makes in that vocabulary; each claim is a set of feature values it allows
+("enlarged" allows the large and very large grades), true when the tile's value is in it.
+
+Sentences that state a rule rather than what this tile shows ("Nuclear size is graded ... by
+diameter", "Enlarged and crowded nuclei suggest a high-grade lesion", "Brown DAB in most nuclei is
+diffuse IHC positivity"), talk about the question or its options, and the conclusion ("so the answer
+is large") make no claim: an answer is graded by accuracy, not here.
+
+Per chain: the claims, how many are true, and whether it names every feature its question depends on
+(stain -> stain, nuclear_size -> size, nuclear_density -> density, grade -> size and density). For
+data without a tile spec the columns are absent (no judge-based variant yet).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pathvlm_lightning.data.synthetic_tiles import STAIN_CLASSES
+
+#: The features each embedded question type depends on.
+NEEDED = {"stain": {"stain"}, "nuclear_size": {"size"}, "nuclear_density": {"density"}, "grade": {"size", "density"}}
+_IHC = frozenset(STAIN_CLASSES[1:])
+# (pattern, feature, values allowed); tried left to right at each position, longer phrases first.
+_PHRASES: tuple[tuple[str, str, frozenset], ...] = (
+    (r"tiny dots", "size", frozenset({0})),
+    (r"modest ovals", "size", frozenset({1})),
+    (r"very large ovals", "size", frozenset({3})),
+    (r"large ovals", "size", frozenset({2})),
+    (r"nuclei are very large", "size", frozenset({3})),
+    (r"nuclei are large", "size", frozenset({2})),
+    (r"nuclei are medium", "size", frozenset({1})),
+    (r"nuclei are small", "size", frozenset({0})),
+    (r"not enlarged", "size", frozenset({0, 1})),
+    (r"enlarged", "size", frozenset({2, 3})),
+    (r"only a handful of nuclei", "density", frozenset({0})),
+    (r"about ten nuclei", "density", frozenset({1})),
+    (r"around twenty nuclei", "density", frozenset({2})),
+    (r"about thirty nuclei", "density", frozenset({3})),
+    (r"very dense", "density", frozenset({3})),
+    (r"dense", "density", frozenset({2})),
+    (r"moderate", "density", frozenset({1})),
+    (r"sparse", "density", frozenset({0})),
+    (r"not crowded", "density", frozenset({0, 1})),
+    (r"crowded", "density", frozenset({2, 3})),
+    (r"background is pink", "stain", frozenset({"H&E"})),
+    (r"nuclei are purple", "stain", frozenset({"H&E"})),
+    (r"background is pale blue", "stain", _IHC),
+    (r"every nucleus is blue, none brown", "stain", frozenset({STAIN_CLASSES[1]})),
+    (r"some nuclei are brown but most are blue", "stain", frozenset({STAIN_CLASSES[2]})),
+    (r"most nuclei are brown", "stain", frozenset({STAIN_CLASSES[3]})),
+)
+_CLAIM = re.compile("|".join(f"(?P<p{i}>\\b{p}\\b)" for i, (p, _, _) in enumerate(_PHRASES)), re.IGNORECASE)
+_NOT_ABOUT_THE_TILE = re.compile(
+    r"\b(graded|suggests?|indicates?|look benign|stain$|positivity|question|options?)\b", re.IGNORECASE
+)
+_CONCLUSION = re.compile(r"\b(so\s+)?the answer is\b.*", re.IGNORECASE | re.DOTALL)
+_THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL | re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Claim:
+    feature: str  # "stain", "size" or "density"
+    allowed: frozenset  # the values the claim allows (a stain class, or grade indices 0-3)
+    text: str
+
+
+def feature_claims(completion: str) -> list[Claim]:
+    """The feature claims in ``completion``'s reasoning (its ``<think>`` text, even if cut off).
+
+    >>> [(c.feature, sorted(c.allowed), c.text) for c in feature_claims(
+    ...     "<think>The nuclei are large, so enlarged, and sparse, so not crowded. Enlarged nuclei that are not "
+    ...     "crowded suggest atypia, so the answer is atypical.</think><answer>C) atypical</answer>")]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('size', [2], 'nuclei are large'), ('size', [2, 3], 'enlarged'), ('density', [0], 'sparse'),
+     ('density', [0, 1], 'not crowded')]
+    """
+    blocks = _THINK.findall(completion)
+    reasoning = "\n".join(blocks) if blocks else completion
+    claims = []
+    for sentence in re.split(r"(?<=[.!?;])\s+|\n", reasoning):
+        sentence = _CONCLUSION.sub("", sentence).strip().rstrip(".")
+        if not sentence or _NOT_ABOUT_THE_TILE.search(sentence):
+            continue
+        for match in _CLAIM.finditer(sentence):
+            index = int(match.lastgroup[1:])
+            _, feature, allowed = _PHRASES[index]
+            claims.append(Claim(feature, allowed, match.group(0)))
+    return claims
+
+
+def tile_truth(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The feature values of a tile spec (``extra["spec"]`` of an embedded record); None for others."""
+    if not spec or not {"stain", "size_grade", "density_grade"} <= set(spec):
+        return None
+    return {"stain": spec["stain"], "size": spec["size_grade"], "density": spec["density_grade"]}
+
+
+@dataclass(frozen=True)
+class ChainScore:
+    claims: int
+    true_claims: int
+    names_needed: bool  # every feature the question depends on is claimed at least once (true or not)
+
+
+def score_chain(completion: str, truth: dict[str, Any], subset: str) -> ChainScore:
+    """Claims of one chain checked against the tile's ``truth`` (:func:`tile_truth`).
+
+    >>> truth = {"stain": "H&E", "size": 3, "density": 0}
+    >>> score_chain("<think>The nuclei are very large, so enlarged, and dense, so crowded.</think>", truth, "grade")
+    ChainScore(claims=4, true_claims=2, names_needed=True)
+    >>> score_chain("<think>The nuclei are very large ovals about 14 pixels across.</think>", truth, "grade")
+    ChainScore(claims=1, true_claims=1, names_needed=False)
+    """
+    claims = feature_claims(completion)
+    true = sum(truth[c.feature] in c.allowed for c in claims)
+    named = {c.feature for c in claims}
+    return ChainScore(len(claims), true, NEEDED.get(subset, set()) <= named and subset in NEEDED)
+
+
+def summarize_faithfulness(rows: list[tuple[str, ChainScore]]) -> dict[str, Any]:
+    """Claims per chain, share of claims that are true (None without claims), share of chains naming
+    every needed feature; ``rows`` are (question type, score)."""
+    n = len(rows)
+    claims = sum(s.claims for _, s in rows)
+    return {
+        "chains": n,
+        "claims_per_chain": claims / n if n else None,
+        "true_claim_share": sum(s.true_claims for _, s in rows) / claims if claims else None,
+        "names_needed_share": sum(s.names_needed for _, s in rows) / n if n else None,
+    }
+
+
+def stage_faithfulness(predictions: list[Any]) -> dict[str, Any] | None:
+    """A stage's faithfulness overall and per question type, from its predictions' ``spec``; None
+    when no prediction has a tile spec (data with no known features)."""
+    rows = []
+    for p in predictions:
+        truth = tile_truth(p.spec)
+        if truth is not None and p.subset in NEEDED:
+            rows.append((p.id, p.subset, score_chain(p.completion, truth, p.subset)))
+    if not rows:
+        return None
+    by_type = {}
+    for subset in sorted({subset for _, subset, _ in rows}):
+        by_type[subset] = summarize_faithfulness([(t, s) for _, t, s in rows if t == subset])
+    return {**summarize_faithfulness([(t, s) for _, t, s in rows]), "by_subset": by_type}
+
+
+def per_item(predictions: list[Any]) -> dict[str, dict[str, float]]:
+    """Column -> item id -> value, for the paired stage comparisons: claims made and whether the chain
+    names every needed feature (the share of true claims is a ratio over claims, not over items)."""
+    out: dict[str, dict[str, float]] = {"claims_per_chain": {}, "names_needed_share": {}}
+    for p in predictions:
+        truth = tile_truth(p.spec)
+        if truth is not None and p.subset in NEEDED:
+            score = score_chain(p.completion, truth, p.subset)
+            out["claims_per_chain"][p.id] = float(score.claims)
+            out["names_needed_share"][p.id] = float(score.names_needed)
+    return out
+
+
+def faithfulness_markdown(rows: dict[str, dict[str, Any]], comparisons: list[dict[str, Any]], level: int) -> list[str]:
+    """The stage table (overall and per question type) and the paired differences."""
+
+    def num(value: float | None, scale: float = 100.0) -> str:
+        return "-" if value is None else f"{scale * value:.1f}"
+
+    subsets = sorted({s for row in rows.values() for s in row["by_subset"]})
+    lines = ["## Chain faithfulness (tile truth known)", "",
+             "Feature claims in each chain checked against the tile's drawn features: claims per chain, % of "
+             "claims that are true, % of chains naming every feature the question depends on.", ""]
+    header = ["stage", "claims/chain", "true %", "names needed %"]
+    header += [f"{s}: true % / needed %" for s in subsets]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in rows.items():
+        cells = [name, num(row["claims_per_chain"], 1.0), num(row["true_claim_share"]), num(row["names_needed_share"])]
+        for s in subsets:
+            sub = row["by_subset"].get(s)
+            cells.append("-" if sub is None else f"{num(sub['true_claim_share'])} / {num(sub['names_needed_share'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if comparisons:
+        lines += ["", f"Paired differences ({level}% CI) on the items both stages answered:", "",
+                  "| a vs b | claims/chain | names needed (points) |", "|---|---|---|"]
+        for c in comparisons:
+            k, n = c["columns"].get("claims_per_chain"), c["columns"].get("names_needed_share")
+            claims = "-" if k is None else f"{k['diff']:+.2f} [{k['ci_low']:+.2f}, {k['ci_high']:+.2f}]"
+            needed = "-" if n is None else (
+                f"{100 * n['diff'] + 0.0:+.1f} [{100 * n['ci_low'] + 0.0:+.1f}, {100 * n['ci_high'] + 0.0:+.1f}]")
+            lines.append(f"| {c['a']} vs {c['b']} | {claims} | {needed} |")
+    return lines
