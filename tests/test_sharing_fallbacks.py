@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone, wrapper
-from pathvlm_lightning.backbone.shared_prompt import choose_sharing
+from pathvlm_lightning.backbone.shared_prompt import _keeps_cache, choose_sharing
 from pathvlm_lightning.cli import main
 from tests.dist_worker import PREFIX_GENERATIONS, prefix_case
 from tests.test_cli_configs import REPO, SMALL_DATA
@@ -52,12 +52,29 @@ def test_the_fast_way_says_nothing(tiny_backbone, tiny_processor, caplog):
     backbone = tiny_backbone(gradient_checkpointing=True)
     inputs, completions = prefix_case(tiny_processor, slice(0, 2))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _score(backbone, inputs, completions)  # checkpointing a training forward: grouped is the fast way
+        assert backbone.last_sharing_mode == "grouped"
+        backbone.eval()
         with torch.no_grad():
             backbone.token_logprobs(inputs, completions, num_generations=PREFIX_GENERATIONS)
         assert backbone.last_sharing_mode == "cache"
-        _score(backbone, inputs, completions)  # checkpointing a training forward: grouped is the fast way
-        assert backbone.last_sharing_mode == "grouped"
     assert _warnings(caplog) == []
+
+
+def test_a_gradient_free_training_mode_pass_under_checkpointing(tiny_backbone, tiny_processor, caplog):
+    # A reference pass in training mode: nothing is checkpointed without gradients. transformers 5.25
+    # keeps the cache then; 5.17 drops it, so the pass is grouped there, and says why.
+    backbone = tiny_backbone(gradient_checkpointing=True)
+    inputs, completions = prefix_case(tiny_processor, slice(0, 2))
+    with caplog.at_level(logging.WARNING, logger=LOGGER), torch.no_grad():
+        logps = backbone.token_logprobs(inputs, completions, num_generations=PREFIX_GENERATIONS)
+    assert torch.isfinite(logps).all()
+    if _keeps_cache():
+        assert backbone.last_sharing_mode == "cache" and _warnings(caplog) == []
+    else:
+        assert backbone.last_sharing_mode == "grouped"
+        (message,) = _warnings(caplog)
+        assert "drops the cache of a training-mode forward" in message
 
 
 def test_prompts_not_shared_by_choice_is_not_a_fallback(tiny_backbone, tiny_processor, caplog):

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 import transformers
+from packaging.version import Version
 from transformers import PreTrainedModel
 
 from pathvlm_lightning.backbone.families import Family
@@ -91,12 +92,21 @@ def choose_sharing(
         return Sharing("none")
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     drops_cache = checkpointing and model.training and torch.is_grad_enabled()
+    # Without gradients nothing is checkpointed, and transformers >= 5.25 keeps the cache then; 5.17
+    # drops it in every training-mode forward under checkpointing (a reference pass, say).
+    drops_without_grad = checkpointing and model.training and not torch.is_grad_enabled() and not _keeps_cache()
     has_images = inputs.get("pixel_values") is not None
     reasons: list[str] = []
     if has_images and not sharded and not drops_cache:
-        if cache_argument(model) is not None:
+        if cache_argument(model) is None:
+            reasons.append(f"{_forward_name(model)} takes no key/value cache argument ({' or '.join(CACHE_ARGUMENTS)})")
+        elif drops_without_grad:
+            reasons.append(
+                f"transformers {transformers.__version__} drops the cache of a training-mode forward under "
+                "activation checkpointing even without gradients (5.25 keeps it)"
+            )
+        else:
             return Sharing("cache")
-        reasons.append(f"{_forward_name(model)} takes no key/value cache argument ({' or '.join(CACHE_ARGUMENTS)})")
     backend = model.config.get_text_config()._attn_implementation
     if can_group(model) and family.groups_prompts:
         cost = "attention runs over the grouped sequence [prompt, c_1, ..., c_G] instead of each completion over the cached prompt"
@@ -120,6 +130,11 @@ def sharing_mode(
 ) -> SharingMode:
     """The mode :func:`choose_sharing` picks."""
     return choose_sharing(family, model, inputs, share=share, sharded=sharded).mode
+
+
+def _keeps_cache() -> bool:
+    """Whether transformers keeps a cache in a gradient-free training-mode forward under checkpointing."""
+    return Version(transformers.__version__).release[:2] >= (5, 25)
 
 
 def _forward_name(model: PreTrainedModel) -> str:
