@@ -20,7 +20,8 @@ def run(argv: list[str] | None = None) -> None:
     if code is not None:
         sys.exit(code)
     if given[:1] in (["-h"], ["--help"]):  # LightningCLI's help lists only its own subcommands
-        print(f"Also: {', '.join(COMMANDS)} (python -m pathvlm_lightning infer --help)\n")
+        print(f"Also: {', '.join(COMMANDS)} (python -m pathvlm_lightning infer --help)")
+        print("Any command: --log_level DEBUG|INFO|WARNING|ERROR (the project's log lines on stderr; INFO)\n")
     from omegaconf.errors import OmegaConfBaseException
 
     from pathvlm_lightning.cli import ConfigBaseError, main

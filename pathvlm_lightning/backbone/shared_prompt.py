@@ -7,7 +7,8 @@ gives what the G copies give, up to float rounding (gradients reaching the promp
 arrive once, summed over its G completions, which is the sum the copies would produce):
 
 - ``cache`` (:func:`cached_prompt_hidden_states`): the prompt goes through the model once, its
-  key/value cache is repeated G times, and the completions run against it in a second forward.
+  key/value cache is repeated G times, and the completions run against it in a second forward
+  (the cache argument is ``cache`` in transformers 5.2x, ``past_key_values`` in 5.17).
   Works with any attention backend (flash-attention included), but only in one process (two root
   forwards per backward are not what FSDP2's hooks expect), without activation checkpointing
   (which drops caches in a training forward) and for image prompts (it continues positions by the
@@ -21,9 +22,12 @@ arrive once, summed over its G completions, which is the sum the copies would pr
   tokens (grouped with 12-15 % less memory) and grouped takes 1.2-1.5x the time of ``cache`` at
   256, so ``cache`` is chosen wherever it can run.
 - ``images`` (:func:`expanded_image_features`): only the images are encoded once, their features
-  handed to the G copies (``mm_encoder_outputs``); the prompt tokens still run G times. For
-  flash-attention under activation checkpointing.
+  handed to the G copies (``mm_encoder_outputs``, transformers 5.2x only); the prompt tokens still
+  run G times. For flash-attention under activation checkpointing.
 - ``none``: G copies.
+
+A mode slower than the configuration's fast one comes with its reason and cost
+(:attr:`Sharing.fallback`), which ``Backbone.sharing_mode`` says once at WARNING.
 
 What differs between families (repeating the cache, DeepStack features, positions after the
 images, whether a block mask can keep completions apart) is asked of the model's
@@ -99,7 +103,8 @@ def choose_sharing(
     reasons: list[str] = []
     if has_images and not sharded and not drops_cache:
         if cache_argument(model) is None:
-            reasons.append(f"{_forward_name(model)} takes no key/value cache argument ({' or '.join(CACHE_ARGUMENTS)})")
+            names = " or ".join(CACHE_ARGUMENTS)
+            reasons.append(f"{_forward_name(model)} takes no key/value cache argument ({names})")
         elif drops_without_grad:
             reasons.append(
                 f"transformers {transformers.__version__} drops the cache of a training-mode forward under "
@@ -109,7 +114,10 @@ def choose_sharing(
             return Sharing("cache")
     backend = model.config.get_text_config()._attn_implementation
     if can_group(model) and family.groups_prompts:
-        cost = "attention runs over the grouped sequence [prompt, c_1, ..., c_G] instead of each completion over the cached prompt"
+        cost = (
+            "attention runs over the grouped sequence [prompt, c_1, ..., c_G] instead of each completion "
+            "over the cached prompt"
+        )
         return Sharing("grouped", _fallback("grouped", reasons, cost))
     if not can_group(model):
         reasons.append(f"the attention backend {backend!r} takes no block mask (grouping needs sdpa or eager)")
@@ -123,13 +131,6 @@ def choose_sharing(
             return Sharing("images", _fallback("images", [*reasons, _context(sharded, drops_cache, has_images)]))
         reasons.append(f"{_forward_name(model)} takes no mm_encoder_outputs (images cannot be shared either)")
     return Sharing("none", _fallback("none", [*reasons, _context(sharded, drops_cache, has_images)]))
-
-
-def sharing_mode(
-    family: Family, model: PreTrainedModel, inputs: Mapping[str, torch.Tensor], *, share: bool, sharded: bool
-) -> SharingMode:
-    """The mode :func:`choose_sharing` picks."""
-    return choose_sharing(family, model, inputs, share=share, sharded=sharded).mode
 
 
 def _keeps_cache() -> bool:
@@ -157,7 +158,10 @@ def _fallback(mode: SharingMode, reasons: list[str], cost: str | None = None) ->
     if not reasons:
         return None
     cost = cost or _COSTS[mode]
-    return f"token_logprobs shares prompts as {mode!r}, not the faster way for this configuration: {'; '.join(reasons)}. Cost: {cost}."
+    return (
+        f"token_logprobs shares prompts as {mode!r}, not the faster way for this configuration: "
+        f"{'; '.join(reasons)}. Cost: {cost}."
+    )
 
 
 def cached_prompt_hidden_states(
