@@ -416,6 +416,8 @@ def main(out_dir: Path, data_dir: Path, device: str = "cpu") -> None:
         sharded_grouped_logprobs(out_dir)
         return
     scenarios = {"gpu": GPU_SCENARIOS, "families": FAMILY_SCENARIOS}.get(device, SCENARIOS)
+    for scenario in scenarios.values():  # before the first fit starts the process group: under one,
+        saved_model(scenario.model, data_dir / "models")  # transformers writes the config on rank 0 only
     for name, scenario in scenarios.items():
         record = run_scenario(name, scenario, data_dir, out_dir)
         (out_dir / f"{name}.rank{dist.get_rank()}.json").write_text(json.dumps(record))
