@@ -22,9 +22,6 @@ _FLAG = "--log_level"
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (redacted wrappers, pytest's capture)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):  # noqa: D102
         return sys.stderr

@@ -9,12 +9,14 @@ a family whose layers all attend (Qwen3.5), ``mm_encoder_outputs`` (transformers
 
 from __future__ import annotations
 
+import doctest
 import inspect
 import logging
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from pathvlm_lightning import logs
 from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone, wrapper
 from pathvlm_lightning.backbone.shared_prompt import _keeps_cache, choose_sharing
 from pathvlm_lightning.cli import main
@@ -185,3 +187,16 @@ def test_a_grpo_fit_logs_the_sharing_mode(tmp_path):
     assert float(cli.trainer.callback_metrics["rollout/sharing_mode"]) == SHARING_MODE_CODES["cache"]
     assert isinstance(cli.trainer.logger, TensorBoardLogger)
     assert cli.trainer.logger.hparams["sharing_mode"] == "cache"
+
+
+def test_log_level_flag_and_project_logging():
+    # --log_level is taken out of the arguments wherever it stands (worked examples in logs.py); the
+    # project's logger prints at that level while third-party loggers stay at WARNING.
+    assert doctest.testmod(logs).failed == 0
+    try:
+        logs.configure_logging("DEBUG")
+        assert logging.getLogger("pathvlm_lightning").level == logging.DEBUG
+        assert logging.getLogger("transformers").level == logging.WARNING
+        assert logging.getLogger("lightning.pytorch").level == logging.WARNING
+    finally:
+        logs.configure_logging("INFO")
