@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from pathvlm_lightning.commands import COMMANDS, dispatch
+from pathvlm_lightning.logs import configure_logging, pop_log_level
 from pathvlm_lightning.redact import redact_process_output
 
 
@@ -13,11 +14,14 @@ def run(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the process's arguments."""
     given = sys.argv[1:] if argv is None else argv
     redact_process_output(given)  # API keys never reach the terminal, whoever prints them
-    code = dispatch(given)
+    level, rest = pop_log_level(given)
+    configure_logging(level)  # the project's INFO lines to stderr, third-party loggers at WARNING
+    code = dispatch(rest)
     if code is not None:
         sys.exit(code)
     if given[:1] in (["-h"], ["--help"]):  # LightningCLI's help lists only its own subcommands
-        print(f"Also: {', '.join(COMMANDS)} (python -m pathvlm_lightning infer --help)\n")
+        print(f"Also: {', '.join(COMMANDS)} (python -m pathvlm_lightning infer --help)")
+        print("Any command: --log_level DEBUG|INFO|WARNING|ERROR (the project's log lines on stderr; INFO)\n")
     from omegaconf.errors import OmegaConfBaseException
 
     from pathvlm_lightning.cli import ConfigBaseError, main

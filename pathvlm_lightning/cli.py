@@ -9,7 +9,8 @@ stage file holds only what differs. (jsonargparse's own nested ``config:`` key c
 ``init_args``-only override of a subclass group, which is what a stage overlay mostly is.) Values
 may refer to others with ``${run_dir}`` (jsonargparse's ``omegaconf+`` mode: resolved after every
 file and flag is merged, so ``--run_dir elsewhere`` moves every path built from it);
-``--print_config`` shows the resolved result.
+``--print_config`` shows the resolved result. ``--log_level`` (anywhere; DEBUG, INFO, WARNING, ERROR)
+sets how much of the project's own logging reaches stderr (``pathvlm_lightning/logs.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathvlm_lightning.callbacks.export import ExportCallback
 from pathvlm_lightning.callbacks.progress import EpochProgressBar, ProgressLog
 from pathvlm_lightning.checkpoint_io import use_atomic_checkpoints
 from pathvlm_lightning.checkpoint_sharded import use_atomic_folders
+from pathvlm_lightning.logs import configure_logging, pop_log_level
 from pathvlm_lightning.redact import add_secrets, secrets_in_config
 
 _CONFIG_FLAGS = ("-c", "--config")
@@ -165,7 +167,9 @@ def _cli(cls: type[PathVLMCLI], args: list[str] | None, run: bool, **parser_kwar
     # ${run_dir} names the top of that file, which under a subcommand (fit, test) is one level down:
     # jsonargparse rewrites such references relative to where they stand when it loads the file.
     set_parsing_settings(docstring_parse_attribute_docstrings=True, omegaconf_absolute_to_relative_paths=True)
-    expanded = expand_bases(sys.argv[1:] if args is None else args)
+    level, given = pop_log_level(sys.argv[1:] if args is None else args)
+    configure_logging(level)
+    expanded = expand_bases(given)
     with warnings.catch_warnings():
         # LightningCLI warns when args are given while sys.argv holds others: the expanded bases differ on purpose.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

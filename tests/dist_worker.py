@@ -22,6 +22,7 @@ With ``prefix`` it runs only :func:`grouped_logprobs_and_grads` on an FSDP2-shar
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -192,11 +193,22 @@ def _trainer_args(strategy: str) -> dict[str, Any]:
     return {"accelerator": "cpu", "devices": 2, "strategy": strategy}
 
 
+def saved_model(model: str, folder: Path) -> str:
+    """The embedded ``model`` exported to a checkpoint folder under ``folder`` (once per process), so that
+    fits load it the way users load theirs: ``from_pretrained``, with whatever hub kernels it brings."""
+    target = folder / f"{model}.rank{os.environ.get('RANK', '0')}"  # ranks start together: one folder each
+    if not (target / "config.json").is_file():
+        Backbone(model=model).export(target)
+    return str(target)
+
+
 def run_scenario(name: str, scenario: Scenario, data_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Fits ``scenario`` for :data:`STEPS` steps and returns this rank's record; rank 0 writes the weights."""
+    """Fits ``scenario`` for :data:`STEPS` steps and returns this rank's record; rank 0 writes the weights.
+    The model is loaded from a saved folder (:func:`saved_model`)."""
+    model = saved_model(scenario.model, data_dir / "models")
     pl.seed_everything(0)  # LoRA's initialisation must agree across ranks: FSDP2 broadcasts nothing
     lora = LoraOptions(r=4, dropout=0.0) if scenario.lora else None  # dropout would differ per rank
-    backbone = Backbone(model=scenario.model, lora=lora)
+    backbone = Backbone(model=model, lora=lora)
     # SGD: the weights' change is lr x the gradient, so any gradient difference shows (Adam would
     # normalise away a uniform scale error, such as a missing division by the world size).
     optimizer = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
@@ -404,6 +416,8 @@ def main(out_dir: Path, data_dir: Path, device: str = "cpu") -> None:
         sharded_grouped_logprobs(out_dir)
         return
     scenarios = {"gpu": GPU_SCENARIOS, "families": FAMILY_SCENARIOS}.get(device, SCENARIOS)
+    for scenario in scenarios.values():  # before the first fit starts the process group: under one,
+        saved_model(scenario.model, data_dir / "models")  # transformers writes the config on rank 0 only
     for name, scenario in scenarios.items():
         record = run_scenario(name, scenario, data_dir, out_dir)
         (out_dir / f"{name}.rank{dist.get_rank()}.json").write_text(json.dumps(record))

@@ -63,6 +63,11 @@ def test_two_stage_chain_runs_reports_and_then_skips(tmp_path, monkeypatch):
     runner = PipelineRunner(load_plan("plan.yaml"), launcher=launcher, echo=lambda _: None)
     runner.run()
     assert [a[0] for a in launched] == ["fit", "test", "test", "fit", "test", "test"]
+    # The CLI's logging reaches each stage's log file: the project's INFO lines, not third-party ones.
+    first_fit = (runner.out_dir / "a" / "fit.log").read_text()
+    assert "INFO pathvlm_lightning.data.splits: wrote splits to" in first_fit
+    assert "INFO pathvlm_lightning.data.splits: re-using splits" in (runner.out_dir / "b" / "fit.log").read_text()
+    assert "INFO transformers" not in first_fit and "INFO lightning" not in first_fit
     assert (tmp_path / "runs/demo/grpo/export/config.json").is_file()
 
     report = write_pipeline_report(runner)

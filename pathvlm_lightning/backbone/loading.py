@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 Quantization = Literal["4bit", "8bit"]
 Vocab = Literal["small", "qwen"]
 VOCABS = ("small", "qwen")
+_log = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -111,6 +113,7 @@ def load_model_and_processor(
     quantization: Quantization | None,
     min_pixels: int | None,
     max_pixels: int | None,
+    hub_kernels: bool = False,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """``model`` is an embedded model (random weights from ``seed``), a folder or a hub id of any family.
 
@@ -147,7 +150,7 @@ def load_model_and_processor(
             # bitsandbytes quantises while loading weights, so the random model goes through a folder.
             with tempfile.TemporaryDirectory() as folder:
                 hf_model.save_pretrained(folder)
-                hf_model = _from_pretrained(family, folder, torch_dtype, attn_implementation, quant)
+                hf_model = _from_pretrained(family, folder, torch_dtype, attn_implementation, quant, hub_kernels)
         else:
             hf_model = hf_model.to(torch_dtype)
             hf_model.set_attn_implementation(attn_implementation)
@@ -167,7 +170,8 @@ def load_model_and_processor(
     else:
         family = family_for_config(AutoConfig.from_pretrained(model), model)
         processor = load_processor(model)
-        hf_model = _from_pretrained(family, model, torch_dtype, attn_implementation, quant)
+        hf_model = _from_pretrained(family, model, torch_dtype, attn_implementation, quant, hub_kernels)
+    _say_attention_fallback(hf_model, attn_implementation, model)
     if min_pixels is not None or max_pixels is not None:
         set_pixel_bounds(processor, min_pixels, max_pixels)
     return hf_model, processor
@@ -182,12 +186,38 @@ def _architecture_only(model: str) -> bool:
     return not any(path.exists() for path in weights)
 
 
+def _say_attention_fallback(model: PreTrainedModel, requested: str, source: str) -> None:
+    """Warn when transformers runs another attention backend than the one asked for (once per load)."""
+    used = model.config.get_text_config()._attn_implementation
+    if used != requested:
+        _log.warning(
+            "%s: attn_implementation %r was asked for, transformers runs %r; the attention path (and the "
+            "prompt sharing that depends on it, see backbone/shared_prompt.py) is %r's",
+            source,
+            requested,
+            used,
+            used,
+        )
+
+
 def _from_pretrained(
-    family: Family, source: str, dtype: torch.dtype, attn_implementation: str, quant: BitsAndBytesConfig | None
+    family: Family,
+    source: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    quant: BitsAndBytesConfig | None,
+    hub_kernels: bool,
 ) -> PreTrainedModel:
+    # use_kernels is passed either way: transformers >= 5.25 turns hub kernels on by default when the
+    # `kernels` package is installed, and re-applies them on every .train()/.eval() switch, which
+    # fails for a copy built on the meta device (the FSDP2 reference) and fetches code from the hub.
     try:
         return family.model_class.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quant
+            source,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            quantization_config=quant,
+            use_kernels=hub_kernels,
         )
     except (ImportError, RuntimeError) as error:
         if quant is None:

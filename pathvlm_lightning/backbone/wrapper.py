@@ -7,11 +7,11 @@ means later speedups (one vision pass and one prefill per group of G) land in on
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -32,10 +32,11 @@ from pathvlm_lightning.backbone.logprobs import (
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
 from pathvlm_lightning.backbone.prefix_group import grouped_hidden_states
 from pathvlm_lightning.backbone.shared_prompt import (
+    Sharing,
     SharingMode,
     cached_prompt_hidden_states,
+    choose_sharing,
     expanded_image_features,
-    sharing_mode,
 )
 from pathvlm_lightning.backbone.sequences import (
     completion_mask,
@@ -78,6 +79,11 @@ class Backbone(torch.nn.Module):
             always runs G copies.
         logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``
             holds at once (``backbone/logprobs.py``); 512 x 151,936 ids is 297 MiB of float32.
+        hub_kernels: let transformers replace layers of a loaded checkpoint with kernels downloaded
+            from the model hub (its ``use_kernels``). Off by default, as in transformers 5.17:
+            from 5.25 it is on whenever the ``kernels`` package is installed, fetches code at run
+            time, and re-kernelises on every train/eval switch, which a reference copy built on
+            the meta device for FSDP2 cannot do (``ValueError: Unsupported device type 'meta'``).
     """
 
     def __init__(
@@ -95,12 +101,16 @@ class Backbone(torch.nn.Module):
         max_pixels: int | None = None,
         share_prompts: bool = True,
         logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        hub_kernels: bool = False,
     ) -> None:
         super().__init__()
         if logprob_chunk_size < 1:
             raise ValueError(f"logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
         self.share_prompts = share_prompts
         self.logprob_chunk_size = logprob_chunk_size
+        self.hub_kernels = hub_kernels
+        self.last_sharing: Sharing | None = None  # set by sharing_mode: the latest call's choice and fallback
+        self._fallbacks_said: set[str] = set()  # fallback warnings already given (shared with frozen copies)
         hf_model, self.processor = load_model_and_processor(
             model,
             vocab=vocab,
@@ -110,6 +120,7 @@ class Backbone(torch.nn.Module):
             quantization=quantization,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
+            hub_kernels=hub_kernels,
         )
         self.family = family_of(hf_model)
         if freeze_vision:
@@ -249,6 +260,8 @@ class Backbone(torch.nn.Module):
         fed = replace_tokens(completion_ids, self.vision_token_ids, self.pad_token_id)  # [B*G, L]
         mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
         mode = self.sharing_mode(inputs)
+        if self.last_sharing is None or self.last_sharing.mode != mode:  # a forced mode (tests, benchmarks)
+            self.last_sharing = Sharing(mode)
         if mode == "grouped":
             hidden = grouped_hidden_states(self.hf_model, inputs, fed, num_generations)  # [B*G, L, H]
         elif mode == "cache":
@@ -261,12 +274,20 @@ class Backbone(torch.nn.Module):
 
     def sharing_mode(self, prompt_inputs: Mapping[str, torch.Tensor]) -> SharingMode:
         """How ``token_logprobs`` computes each of these prompts once for its G completions:
-        ``grouped``, ``cache``, ``images`` or ``none`` (G copies); see ``backbone/shared_prompt.py``."""
+        ``grouped``, ``cache``, ``images`` or ``none`` (G copies); see ``backbone/shared_prompt.py``.
+        A mode slower than the configuration's fast one is said once per reason at WARNING."""
         sharded = bool(sharding.fsdp_units(self.model))
-        mode = sharing_mode(self.family, self.hf_model, prompt_inputs, share=self.share_prompts, sharded=sharded)
-        if mode in ("images", "none") and self.share_prompts and not self.family.groups_prompts:
-            _log_family_fallback(self.family, mode)
-        return mode
+        sharing = choose_sharing(self.family, self.hf_model, prompt_inputs, share=self.share_prompts, sharded=sharded)
+        if sharing.fallback is not None and sharing.fallback not in self._fallbacks_said:
+            self._fallbacks_said.add(sharing.fallback)
+            _log.warning("%s", sharing.fallback)
+        self.last_sharing = sharing
+        return sharing.mode
+
+    @property
+    def last_sharing_mode(self) -> SharingMode | None:
+        """The mode of the latest ``token_logprobs`` call (``None`` before the first); what runs log."""
+        return self.last_sharing.mode if self.last_sharing is not None else None
 
     def logprobs_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         """float32 log p(targets) [N, L] from final-normed hidden states [N, L, H] through the output layer.
@@ -300,7 +321,7 @@ class Backbone(torch.nn.Module):
         """
         if sharding.fsdp_units(self.model):
             raise RuntimeError("build_frozen_copy() must run before apply_fully_shard(); the model is already sharded")
-        memo: dict[int, torch.nn.Parameter] = {}
+        memo: dict[int, Any] = {id(self._fallbacks_said): self._fallbacks_said}  # a reason is said once per run
         if on_meta:
             for parameter in self.parameters():
                 memo[id(parameter)] = torch.nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=False)
@@ -379,18 +400,6 @@ class Backbone(torch.nn.Module):
             image_token_id=config.image_token_id,
             merge_size=config.vision_config.spatial_merge_size,
         )
-
-
-@functools.cache
-def _log_family_fallback(family: Family, mode: SharingMode) -> None:
-    """Say once per family and mode that its prompts are not grouped (``Family.groups_prompts``)."""
-    what = "only its images are encoded once" if mode == "images" else "each prompt runs G times"
-    _log.info(
-        "token_logprobs: %s cannot score a prompt's completions as one grouped sequence (some of its "
-        "layers do not attend, so no block mask keeps completions apart); here %s.",
-        type(family).__name__,
-        what,
-    )
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:

@@ -70,6 +70,11 @@ class ReferenceModelCallback(Callback):
             return
         if self._reference is None:
             sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+            if sharded and backbone.hub_kernels:
+                raise ValueError(
+                    "ReferenceModelCallback: the sharded reference is built on the meta device, which hub kernels "
+                    "cannot kernelise; set the backbone's hub_kernels: false (or train with LoRA)"
+                )
             self._reference = backbone.build_frozen_copy(on_meta=sharded)
             if sharded:
                 mesh = trainer.strategy.device_mesh["data_parallel"]

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pathvlm_lightning.backbone import Backbone
+from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone
 from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
 from pathvlm_lightning.grpo.advantages import group_advantages, zero_variance_groups
 from pathvlm_lightning.grpo.loss import GRPOLoss, GRPOLossStats, LossType, StepTotals, sum_stats
@@ -101,6 +101,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.loss_fn: GRPOLoss | None = None  # built in setup, once max_new_tokens is known
         self._chain: GRPOChain | None = None
         self._skipped_steps = 0
+        self._sharing_mode_said: str | None = None  # the mode last written to TensorBoard's hparams/text
 
     @property
     def needs_reference(self) -> bool:
@@ -288,6 +289,20 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.log("train/clip_high_frac", stats.clip_high_fraction, **log)
         self.log("train/ratio_mean", stats.ratio_mean, **log)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
+        self._log_sharing_mode()
+
+    def _log_sharing_mode(self) -> None:
+        """``rollout/sharing_mode``: the policy pass's way of sharing prompts as a number (lowest over
+        ranks; ``SHARING_MODE_CODES``: 0 none, 1 images, 2 grouped, 3 cache); its name once in TensorBoard."""
+        mode = self.backbone.last_sharing_mode
+        if mode is None:
+            return
+        self.log("rollout/sharing_mode", float(SHARING_MODE_CODES[mode]), reduce_fx="min", batch_size=1, sync_dist=True)
+        if mode != self._sharing_mode_said and isinstance(self.logger, TensorBoardLogger):
+            self._sharing_mode_said = mode
+            codes = ", ".join(f"{code} {name}" for name, code in SHARING_MODE_CODES.items())
+            self.logger.log_hyperparams({"sharing_mode": mode})
+            self.logger.experiment.add_text("rollout/sharing_mode", f"{mode} ({codes})", global_step=self.global_step)
 
     def _log_samples(self, rollout: Rollout, total: torch.Tensor, count: int = 4) -> None:
         rows = []
