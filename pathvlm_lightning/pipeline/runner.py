@@ -5,7 +5,9 @@ stage, as a user would run them by hand): ``fit`` (train and export), ``test`` (
 the in-domain test split) and ``ood`` (the same on the out-of-domain set). A step is skipped when its
 output exists and was made from the same stage config and the same upstream model; a ``fit`` that
 was interrupted resumes from the stage's ``last.ckpt``. What was done is kept in
-``<out_dir>/<stage>/state.json``; the tables are always rebuilt from the saved predictions.
+``<out_dir>/<stage>/state.json``; the tables are always rebuilt from the saved predictions. With plan
+overlays (:mod:`pathvlm_lightning.pipeline.overlay`) every run also reads ``<out_dir>/<stage>/overlay.yaml``,
+the overlays as they apply to that stage, after the stage's own config.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pathvlm_lightning.pipeline.overlay import overlay_text
 from pathvlm_lightning.pipeline.plan import Plan, PlanError, Stage
 from pathvlm_lightning.redact import run_to_log
 
@@ -85,6 +88,16 @@ class PipelineRunner:
 
     def state(self, stage: Stage) -> StageState:
         return StageState.load(self.stage_dir(stage) / "state.json")
+
+    def config_args(self, stage: Stage) -> list[str]:
+        """``--config`` arguments of every CLI run of ``stage``: its config, then its overlay (written here)."""
+        args = ["--config", stage.config]
+        if stage.overlay:
+            path = self.stage_dir(stage) / "overlay.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(overlay_text(stage.overlay, self.plan.overlays, stage.config), encoding="utf-8")
+            args += ["--config", str(path)]
+        return args
 
     # ---- running --------------------------------------------------------------------------------
     def run(self, names: list[str] | None = None, rerun: list[str] | None = None, evaluate_ood: bool = True) -> None:
@@ -152,7 +165,7 @@ class PipelineRunner:
             state.set_step("fit", {"config_sha256": digest, "upstream": upstream_id, "adopted": True, "finished_at": "adopted"})
             state.save()
             return
-        args = ["fit", "--config", stage.config]
+        args = ["fit", *self.config_args(stage)]
         last = self._last_checkpoint(stage)
         if last is not None:
             args += ["--ckpt_path", str(last)]
@@ -170,6 +183,7 @@ class PipelineRunner:
                     "upstream": upstream_id,
                     "seconds": round(seconds, 1),
                     "resumed_from": str(last) if last else None,
+                    "overlays": [overlay.path for overlay in self.plan.overlays],
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 10**9:09d}",
                 }
             }
@@ -195,8 +209,7 @@ class PipelineRunner:
             raise PlanError(f"stage {stage.name!r}: model {model!r} to evaluate does not exist; run its fit first")
         args = [
             "test",
-            "--config",
-            stage.config,
+            *self.config_args(stage),
             "--model.init_args.backbone.init_args.model",
             model,
             "--model.init_args.predictions_path",
