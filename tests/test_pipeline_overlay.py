@@ -1,12 +1,13 @@
 """Plan overlays (``pipeline --config``): applied after every stage's configs, by the overlay's three rules.
 
 A 2-stage toy plan (SFT ``a`` from an embedded model -> GRPO ``b`` from a's export, with a rollout,
-two rewards and the output callbacks); the launcher is ``test_pipeline_runner.FakeCLI``, so what is
-tested is what the runner reads and passes on.
+two rewards and the output callbacks); the launcher (:class:`FakeCLI`) writes what the CLI would and
+records each command, so what is tested is what the runner reads and passes on.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tempfile
@@ -18,7 +19,7 @@ import yaml
 from pathvlm_lightning.pipeline import PipelineRunner, PlanError, load_plan
 from pathvlm_lightning.pipeline.overlay import read_overlay
 from pathvlm_lightning.stage_config import read_stage_yaml, short_name
-from tests.test_pipeline_runner import FakeCLI
+from tests.test_pipeline_runner import _prediction
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every plan load parses each stage twice through LightningCLI
@@ -28,6 +29,26 @@ GRPO_CALLBACKS = [
     {"class_path": "pathvlm_lightning.callbacks.FormatReward", "init_args": {"weight": 0.5}},
     {"class_path": "pathvlm_lightning.callbacks.AccuracyReward", "init_args": {"weight": 1.0}},
 ]  # fmt: skip
+
+
+class FakeCLI:
+    """Writes a stage's export (fit) or predictions (test) where its config says; records the commands."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, args: list[str], log_file: Path) -> int:
+        self.calls.append(args)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        config = Path(args[args.index("--config") + 1])
+        if args[0] == "fit":
+            export = config.parent / config.stem / "export"
+            export.mkdir(parents=True, exist_ok=True)
+            (export / "config.json").write_text("{}")
+        else:
+            target = Path(args[args.index("--model.init_args.predictions_path") + 1])
+            target.write_text("".join(json.dumps(_prediction(i, i < 2)) + "\n" for i in range(4)))
+        return 0
 
 
 def _config(tmp: Path, name: str, module: str, start: str, extra: list[dict] = ()) -> str:
