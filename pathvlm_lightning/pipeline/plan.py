@@ -104,13 +104,8 @@ class Plan:
         return [stage for name, stage in self.stages.items() if name in names]
 
 
-def read_stage_config(path: str, overlay: dict[str, Any] | None = None) -> StageConfigInfo:
-    """Pull kind, start model and output folders out of a LightningCLI stage config, as the CLI resolves it
-    (with ``overlay``, a config applied after it, when given)."""
-    return _stage_info(path, _resolved(path, overlay))
-
-
 def _resolved(path: str, overlay: dict[str, Any] | None) -> dict[str, Any]:
+    """The stage config ``path`` as the CLI resolves it, with ``overlay`` (a config) applied after it."""
     if not Path(path).is_file():
         raise PlanError(f"stage config {path!r} does not exist")
     if not overlay:
@@ -128,6 +123,7 @@ def _resolved(path: str, overlay: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _stage_info(path: str, config: dict[str, Any]) -> StageConfigInfo:
+    """Kind, start model and output folders of the resolved stage config ``config`` (read from ``path``)."""
     class_path = str(config["model"].get("class_path", "")) if isinstance(config["model"], Mapping) else ""
     kinds = {"GRPOModule": "grpo", "SFTModule": "sft"}
     if short_name(class_path) not in kinds:
