@@ -138,8 +138,8 @@ def test_every_stage_with_a_signal_moved_its_weights_and_none_the_frozen_vision_
         assert start.keys() == end.keys(), stage
         changed = [key for key in end if not torch.equal(start[key], end[key])]
         if stage in NO_SIGNAL:
-            assert _scalars(work / run_dir / "tb", "groups/zero_variance_frac") == [1.0, 1.0], stage
-            assert _scalars(work / run_dir / "tb", "groups/skipped_steps") == [1.0, 2.0], stage
+            assert set(_scalars(work / run_dir / "tb", "groups/zero_variance_frac")) == {1.0}, stage  # every group
+            assert max(_scalars(work / run_dir / "tb", "groups/skipped_steps")) == 2.0, stage  # both steps
             assert not changed, f"{stage}: skipped both steps, yet {changed[:3]} changed"
             continue
         vision = {key for key in end if key.startswith("visual.") or ".visual." in key}
