@@ -5,9 +5,7 @@ stage, as a user would run them by hand): ``fit`` (train and export), ``test`` (
 the in-domain test split) and ``ood`` (the same on the out-of-domain set). A step is skipped when its
 output exists and was made from the same stage config and the same upstream model; a ``fit`` that
 was interrupted resumes from the stage's ``last.ckpt``. What was done is kept in
-``<out_dir>/<stage>/state.json``; the tables are always rebuilt from the saved predictions. With plan
-overlays (:mod:`pathvlm_lightning.pipeline.overlay`) every run also reads ``<out_dir>/<stage>/overlay.yaml``,
-the overlays as they apply to that stage, after the stage's own config.
+``<out_dir>/<stage>/state.json``; the tables are always rebuilt from the saved predictions.
 """
 
 from __future__ import annotations
@@ -90,7 +88,9 @@ class PipelineRunner:
         return StageState.load(self.stage_dir(stage) / "state.json")
 
     def config_args(self, stage: Stage) -> list[str]:
-        """``--config`` arguments of every CLI run of ``stage``: its config, then its overlay (written here)."""
+        """``--config`` arguments of every CLI run of ``stage``: its config, then, with plan overlays
+        (:mod:`pathvlm_lightning.pipeline.overlay`), ``<out_dir>/<stage>/overlay.yaml``: the overlays as
+        they apply to this stage, written here."""
         args = ["--config", stage.config]
         if stage.overlay:
             path = self.stage_dir(stage) / "overlay.yaml"
