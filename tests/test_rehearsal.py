@@ -24,14 +24,13 @@ import json
 import re
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from pathvlm_lightning.backbone.shared_prompt import SharingMode
+from pathvlm_lightning.backbone import shared_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "pathmmu_release"
@@ -86,21 +85,22 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _logged_sharing_modes(tb_dir: Path) -> list[str]:
-    """Every value of ``rollout/sharing_mode`` in a stage's TensorBoard files: a text summary as is, a
-    scalar as the index into ``SharingMode``'s values (``grouped``, ``cache``, ``images``, ``none``)."""
+    """Every value of ``rollout/sharing_mode`` in a stage's TensorBoard files: the scalar decoded with
+    ``shared_prompt.SHARING_MODE_CODES`` (i17-floor: 0 none, 1 images, 2 grouped, 3 cache), and the
+    text summary's first word (``grouped (0 none, ...)``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    names = typing.get_args(SharingMode)
+    names = {code: name for name, code in getattr(shared_prompt, "SHARING_MODE_CODES", {}).items()}
     modes = []
     for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
         accumulator.Reload()
         tags = accumulator.Tags()
         if SHARING_TAG in tags.get("scalars", []):
-            modes += [names[int(event.value)] for event in accumulator.Scalars(SHARING_TAG)]
+            modes += [names.get(int(event.value), f"code {event.value}") for event in accumulator.Scalars(SHARING_TAG)]
         for tag in tags.get("tensors", []):
-            if tag.startswith(SHARING_TAG):  # text summaries: rollout/sharing_mode/text_summary
-                modes += [event.tensor_proto.string_val[0].decode() for event in accumulator.Tensors(tag)]
+            if tag.startswith(SHARING_TAG):  # the text summary: rollout/sharing_mode/text_summary
+                modes += [event.tensor_proto.string_val[0].decode().split()[0] for event in accumulator.Tensors(tag)]
     return modes
 
 
