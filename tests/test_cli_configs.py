@@ -21,7 +21,11 @@ from pathvlm_lightning.callbacks import ReferenceModelCallback
 from pathvlm_lightning.cli import ConfigBaseError, expand_bases, main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in REPO.glob("configs/**/*.yaml") if p.name != "pipeline.yaml")  # plans: test_pipeline_runner
+# Plans (test_pipeline_runner) and plan overlays, whose header runs them with `pipeline --config` (test_pipeline_overlay).
+PLAN_OVERLAY = re.compile(r"-m pathvlm_lightning pipeline [^\n]*--config ")
+CONFIGS = sorted(
+    p for p in REPO.glob("configs/**/*.yaml") if p.name != "pipeline.yaml" and not PLAN_OVERLAY.search(p.read_text())
+)
 DEMO_CONFIGS = [p for p in CONFIGS if p.parent.name == "demo"]
 #: Stage files: a base and a run_dir of their own (bases leave run_dir "???"; they and data.yaml are read through stages).
 STAGES = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("run_dir", "???") != "???"]

@@ -1,4 +1,4 @@
-"""``python -m pathvlm_lightning pipeline --plan configs/demo/pipeline.yaml [--stages a,b] [--rerun b]``."""
+"""``python -m pathvlm_lightning pipeline --plan configs/demo/pipeline.yaml [--config overlay.yaml] [--stages a,b] [--rerun b]``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Train, evaluate and compare the stages of a plan; finished steps are skipped.",
     )
     parser.add_argument("--plan", required=True, help="plan YAML, e.g. configs/demo/pipeline.yaml")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="an overlay applied after every stage's own configs (repeatable), e.g. configs/rehearsal_cpu.yaml; "
+        "its callbacks update the stages' callbacks of the same class, its backbone model is where stages "
+        "without `needs` start (pipeline/overlay.py)",
+    )
     parser.add_argument("--stages", default="", help="comma-separated stages to run (default: all)")
     parser.add_argument("--rerun", default="", help="comma-separated stages to delete and run from scratch")
     parser.add_argument("--no-ood", action="store_true", help="skip the out-of-domain evaluations")
@@ -23,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     args = parser.parse_args(argv)
     try:
-        runner = PipelineRunner(load_plan(args.plan))
+        runner = PipelineRunner(load_plan(args.plan, args.config))
         if not args.report_only:
             runner.run(
                 [s for s in args.stages.split(",") if s],

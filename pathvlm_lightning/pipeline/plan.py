@@ -6,19 +6,29 @@ first); everything else the runner needs (where the stage exports its model, whe
 and TensorBoard logs go, which model it starts from) is read from that config as the CLI resolves it
 (bases, ``${run_dir}``), so the plan cannot drift from the configs a user also runs by hand. ``needs``
 names the stage whose export the config must start from; the plan refuses a config that starts elsewhere.
+Overlays (``--config`` of the pipeline command, :mod:`pathvlm_lightning.pipeline.overlay`) apply after
+every stage's own configs; what the runner reads is then the stage with its overlay.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pathvlm_lightning.pipeline.overlay import (
+    Overlay,
+    OverlayError,
+    read_overlay,
+    stage_overlay,
+    unused_callback_updates,
+)
 from pathvlm_lightning.stage_config import (
     StageConfigError,
     callbacks,
@@ -54,9 +64,11 @@ class Stage:
     needs: str | None = None  # the stage whose export this one starts from
     train: bool = True  # False: evaluate the config's starting model as is (the "base" row)
     info: StageConfigInfo | None = None
+    overlay: dict[str, Any] | None = None  # the plan's overlays as they apply to this stage (None: no overlay)
 
     def config_digest(self) -> str:
-        """sha256 of the resolved config (the stage file with its bases): a change makes its outputs stale."""
+        """sha256 of the resolved config (the stage file with its bases, and the plan's overlay): a change
+        makes its outputs stale."""
         assert self.info is not None
         return self.info.digest
 
@@ -77,6 +89,7 @@ class Plan:
     comparisons: list[tuple[str, str]] = field(default_factory=list)
     ood_overrides: list[str] = field(default_factory=list)  # CLI arguments that point a test run at the OOD set
     eval_overrides: list[str] = field(default_factory=list)  # CLI arguments added to every evaluation run
+    overlays: list[Overlay] = field(default_factory=list)  # applied after every stage's own configs
     num_resamples: int = 10000
     seed: int = 0
     source: str = ""
@@ -91,14 +104,26 @@ class Plan:
         return [stage for name, stage in self.stages.items() if name in names]
 
 
-def read_stage_config(path: str) -> StageConfigInfo:
-    """Pull kind, start model and output folders out of a LightningCLI stage config, as the CLI resolves it."""
+def _resolved(path: str, overlay: dict[str, Any] | None) -> dict[str, Any]:
+    """The stage config ``path`` as the CLI resolves it, with ``overlay`` (a config) applied after it."""
     if not Path(path).is_file():
         raise PlanError(f"stage config {path!r} does not exist")
-    try:
-        config = read_stage_yaml(path)
-    except StageConfigError as error:
-        raise PlanError(str(error)) from None
+    if not overlay:
+        try:
+            return read_stage_yaml(path)
+        except StageConfigError as error:
+            raise PlanError(str(error)) from None
+    with tempfile.TemporaryDirectory() as folder:  # read as the runner passes it: a file after the stage's
+        written = Path(folder) / "overlay.yaml"
+        written.write_text(yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
+        try:
+            return read_stage_yaml(path, ["--config", str(written)])
+        except StageConfigError as error:
+            raise PlanError(f"{error} (with the plan's overlay applied)") from None
+
+
+def _stage_info(path: str, config: dict[str, Any]) -> StageConfigInfo:
+    """Kind, start model and output folders of the resolved stage config ``config`` (read from ``path``)."""
     class_path = str(config["model"].get("class_path", "")) if isinstance(config["model"], Mapping) else ""
     kinds = {"GRPOModule": "grpo", "SFTModule": "sft"}
     if short_name(class_path) not in kinds:
@@ -124,11 +149,16 @@ def read_stage_config(path: str) -> StageConfigInfo:
     )
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read and check a plan file: stage names, configs, ``needs`` wiring, comparisons."""
+def load_plan(path: str | Path, overlays: list[str] | tuple[str, ...] = ()) -> Plan:
+    """Read and check a plan file: stage names, configs, ``needs`` wiring, comparisons; ``overlays`` are
+    config files applied after every stage's own (see :mod:`pathvlm_lightning.pipeline.overlay`)."""
     source = str(path)
     if not Path(path).is_file():
         raise PlanError(f"plan file {source!r} does not exist")
+    try:
+        read = [read_overlay(o) for o in overlays]
+    except OverlayError as error:
+        raise PlanError(str(error)) from None
     raw: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
     unknown = sorted(set(raw) - {"out_dir", "stages", "comparisons", "ood_overrides", "eval_overrides", "num_resamples", "seed"})
     if unknown:
@@ -136,6 +166,8 @@ def load_plan(path: str | Path) -> Plan:
     if not isinstance(raw.get("stages"), Mapping) or not raw["stages"]:
         raise PlanError(f"{source}: 'stages' must map stage names to {{config, needs, description}}")
     stages: dict[str, Stage] = {}
+    written: dict[str, Stage] = {}  # each stage as its own config says, for the `needs` check
+    stage_callbacks = []
     for name, spec in raw["stages"].items():
         if not isinstance(spec, Mapping) or "config" not in spec:
             raise PlanError(f"{source}: stage {name!r} needs a 'config'")
@@ -147,7 +179,8 @@ def load_plan(path: str | Path) -> Plan:
             raise PlanError(
                 f"{source}: stage {name!r} needs {needs!r}, which is not defined before it (stages run in file order)"
             )
-        info = read_stage_config(spec["config"])
+        own = _resolved(spec["config"], None)
+        info = _stage_info(spec["config"], own)
         stage = Stage(
             name=str(name),
             config=str(spec["config"]),
@@ -159,13 +192,22 @@ def load_plan(path: str | Path) -> Plan:
         if stage.train and not info.export_dir:
             raise PlanError(f"{source}: stage {name!r}: {stage.config} has no ExportCallback, so no model to evaluate")
         if needs is not None:
-            upstream = stages[needs]
+            upstream = written[needs]
             if Path(info.start_model) != Path(upstream.evaluated_model):
                 raise PlanError(
                     f"{source}: stage {name!r} needs {needs!r}, but {stage.config} starts from {info.start_model!r}, "
                     f"not from {needs}'s model {upstream.evaluated_model!r}"
                 )
+        written[stage.name] = stage
+        if read:
+            stage_callbacks.append(callbacks(own))
+            start = stages[needs].evaluated_model if needs is not None else None
+            overlay = stage_overlay(read, callbacks(own), start)
+            stage = replace(stage, info=_stage_info(stage.config, _resolved(stage.config, overlay)), overlay=overlay)
         stages[stage.name] = stage
+    unused = unused_callback_updates(read, stage_callbacks)
+    if unused:
+        raise PlanError(f"{source}: the overlay updates callbacks that no stage has: {unused}")
     comparisons = []
     for pair in raw.get("comparisons") or []:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
@@ -183,4 +225,5 @@ def load_plan(path: str | Path) -> Plan:
         num_resamples=int(raw.get("num_resamples", 10000)),
         seed=int(raw.get("seed", 0)),
         source=source,
+        overlays=read,
     )

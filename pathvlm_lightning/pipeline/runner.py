@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pathvlm_lightning.pipeline.overlay import overlay_text
 from pathvlm_lightning.pipeline.plan import Plan, PlanError, Stage
 from pathvlm_lightning.pipeline.resume import newest_complete_checkpoint
 from pathvlm_lightning.redact import run_to_log
@@ -86,6 +87,18 @@ class PipelineRunner:
 
     def state(self, stage: Stage) -> StageState:
         return StageState.load(self.stage_dir(stage) / "state.json")
+
+    def config_args(self, stage: Stage) -> list[str]:
+        """``--config`` arguments of every CLI run of ``stage``: its config, then, with plan overlays
+        (:mod:`pathvlm_lightning.pipeline.overlay`), ``<out_dir>/<stage>/overlay.yaml``: the overlays as
+        they apply to this stage, written here."""
+        args = ["--config", stage.config]
+        if stage.overlay:
+            path = self.stage_dir(stage) / "overlay.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(overlay_text(stage.overlay, self.plan.overlays, stage.config), encoding="utf-8")
+            args += ["--config", str(path)]
+        return args
 
     # ---- running --------------------------------------------------------------------------------
     def run(self, names: list[str] | None = None, rerun: list[str] | None = None, evaluate_ood: bool = True) -> None:
@@ -153,7 +166,7 @@ class PipelineRunner:
             state.set_step("fit", {"config_sha256": digest, "upstream": upstream_id, "adopted": True, "finished_at": "adopted"})
             state.save()
             return
-        args = ["fit", "--config", stage.config]
+        args = ["fit", *self.config_args(stage)]
         last = self._last_checkpoint(stage)
         if last is not None:
             args += ["--ckpt_path", str(last)]
@@ -171,6 +184,7 @@ class PipelineRunner:
                     "upstream": upstream_id,
                     "seconds": round(seconds, 1),
                     "resumed_from": str(last) if last else None,
+                    "overlays": [overlay.path for overlay in self.plan.overlays],
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 10**9:09d}",
                 }
             }
@@ -201,8 +215,7 @@ class PipelineRunner:
             raise PlanError(f"stage {stage.name!r}: model {model!r} to evaluate does not exist; run its fit first")
         args = [
             "test",
-            "--config",
-            stage.config,
+            *self.config_args(stage),
             "--model.init_args.backbone.init_args.model",
             model,
             "--model.init_args.predictions_path",
