@@ -6,19 +6,19 @@
         --with-dense-mask --output prefix_vs_copies_paper.json
 
 ``--paper-shape``: Qwen2.5-VL-7B's attention geometry on a model CPU holds (text hidden 896 = 7 query
-heads x head dim 128, 1 key/value head: 7:1 grouped-query attention, MLP 1,792 (2x hidden; 7B has 5.3x,
-which CPU time did not allow), 2 layers; the embedded tiny vision tower, 1,024-id vocabulary) and one prompt of ~1,300 tokens: a
-672x672 image (576 image tokens) and a long question. ``--with-dense-mask`` adds ``grouped_mask``,
-the former grouped path with a dense [B, 1, S, S] mask (``prefix_group.grouped_hidden_states(...,
-dense_mask=True)``). The floor printed is (P + G*C) / (G*(P + C)), the token ratio of the decoder
-body (grouped or cache over copies).
+heads x head dim 128, 1 key/value head: 7:1 grouped-query attention, MLP 1,792 (2x hidden; 7B has
+5.3x, which CPU time did not allow), 2 layers; the embedded tiny vision tower, 1,024-id vocabulary)
+and one prompt of ~1,300 tokens: a 672x672 image (576 image tokens) and a long question.
+``--with-dense-mask`` adds ``grouped_mask``, the former grouped path with a dense [B, 1, S, S] mask
+(``prefix_group.grouped_hidden_states(..., dense_mask=True)``). The floor printed is
+(P + G*C) / (G*(P + C)), the token ratio of the decoder body (grouped or cache over copies).
 
-One process, the embedded ``small`` model (text 256 x 4 layers, vision 128 x 4; fp32, sdpa, vision
+Otherwise: one process, the embedded ``small`` model (text 256 x 4 layers, vision 128 x 4; fp32, sdpa, vision
 tower frozen, language model fully trained), 2 chat prompts with one 448x448 image each (256 image
 tokens; the two prompts differ in length, so one is left-padded), G completions of L random text
 tokens per prompt (no EOS: every position counts). Sharing modes (``backbone/shared_prompt.py``):
 ``none`` (G copies), ``cache`` (the prompt's repeated key/value cache) and ``grouped`` (one
-sequence per prompt with a block mask); with ``--gradient-checkpointing``, which drops caches,
+sequence per prompt, split attention); with ``--gradient-checkpointing``, which drops caches,
 ``images`` (images encoded once, the prompt tokens G times) takes the place of ``cache``. For each
 (G, L) setting the modes run in rounds, the order rotating every round, so load from other
 processes falls on all of them alike.
@@ -90,7 +90,9 @@ def paper_shape_backbone(folder: Path, gradient_checkpointing: bool) -> Backbone
     return Backbone(model=str(folder), gradient_checkpointing=gradient_checkpointing)
 
 
-def make_prompts(backbone: Backbone, image_size: int, questions: tuple[str, ...] = QUESTIONS) -> dict[str, torch.Tensor]:
+def make_prompts(
+    backbone: Backbone, image_size: int, questions: tuple[str, ...] = QUESTIONS
+) -> dict[str, torch.Tensor]:
     processor = backbone.processor
     texts = [
         processor.apply_chat_template(
@@ -155,7 +157,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--paper-shape", action="store_true")
     parser.add_argument("--with-dense-mask", action="store_true")
-    parser.add_argument("--paper-question-chars", type=int, default=3700, help="question length with --paper-shape (3,700: P = 1,301)")
+    parser.add_argument(
+        "--paper-question-chars", type=int, default=3700, help="question length with --paper-shape (3,700: P = 1,301)"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -133,7 +133,9 @@ def grouped_attention(
         parts = [query.new_zeros(query.shape[1], start, query.shape[3])]  # padding queries: zeros
         parts.append(_sdpa(q_prompt, k_prompt, v_prompt, dropout, scaling, lower_right=False)[0])  # [Hq, P_i, d]
         if fed:
-            q_blocks, k_blocks, v_blocks = (t[i, :, p:].unflatten(1, (g, fed)).transpose(0, 1) for t in (query, key, value))
+            q_blocks, k_blocks, v_blocks = (  # [G, H, F, d]
+                t[i, :, p:].unflatten(1, (g, fed)).transpose(0, 1) for t in (query, key, value)
+            )
             k_seen = torch.cat([k_prompt.expand(g, -1, -1, -1), k_blocks], dim=2)  # [G, Hkv, P_i + F, d]
             v_seen = torch.cat([v_prompt.expand(g, -1, -1, -1), v_blocks], dim=2)
             blocks = _sdpa(q_blocks, k_seen, v_seen, dropout, scaling, lower_right=True)  # [G, Hq, F, d]
