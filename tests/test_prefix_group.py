@@ -192,8 +192,8 @@ def _largest_tensor_of_pass(backbone, inputs, completions, dense_mask: bool) -> 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_no_tensor_of_s_squared_elements(tiny_backbone, tiny_processor, checkpointing):
-    # 2 prompts x G = 8 completions of 300 tokens: S = P + 8 x 299 = 2,436 tokens per grouped sequence,
-    # S^2 = 5.9 M. The largest tensors the pass needs are [B, S, ffn] = 2 x 2,436 x 512 = 2.5 M (MLP
+    # 2 prompts x G = 8 completions of 300 tokens: S = P + 8 x 299 = 2,425 tokens per grouped sequence,
+    # S^2 = 5.9 M. The largest tensors the pass needs are [B, S, ffn] = 2 x 2,425 x 512 = 2.5 M (MLP
     # activations); attention needs per prompt [G, heads, P + 299, head_dim] keys and values and its
     # [299, P + 299] lower-right mask. Every tensor any op creates in forward and backward (recomputation
     # included) is recorded; the former dense-mask path, run the same way, creates [B, 1, S, S].
