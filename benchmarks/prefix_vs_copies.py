@@ -2,13 +2,23 @@
 
     python benchmarks/prefix_vs_copies.py --rounds 5 --threads 1 --output prefix_vs_copies.json
     python benchmarks/prefix_vs_copies.py --gradient-checkpointing --output prefix_vs_copies_ckpt.json
+    python benchmarks/prefix_vs_copies.py --paper-shape --generations 8 --lengths 1024 256 --rounds 1 \
+        --with-dense-mask --output prefix_vs_copies_paper.json
 
-One process, the embedded ``small`` model (text 256 x 4 layers, vision 128 x 4; fp32, sdpa, vision
+``--paper-shape``: Qwen2.5-VL-7B's attention geometry on a model CPU holds (text hidden 896 = 7 query
+heads x head dim 128, 1 key/value head: 7:1 grouped-query attention, MLP 1,792 (2x hidden; 7B has
+5.3x, which CPU time did not allow), 2 layers; the embedded tiny vision tower, 1,024-id vocabulary)
+and one prompt of ~1,300 tokens: a 672x672 image (576 image tokens) and a long question.
+``--with-dense-mask`` adds ``grouped_mask``, the former grouped path with a dense [B, 1, S, S] mask
+(``prefix_group.grouped_hidden_states(..., dense_mask=True)``). The floor printed is
+(P + G*C) / (G*(P + C)), the token ratio of the decoder body (grouped or cache over copies).
+
+Otherwise: one process, the embedded ``small`` model (text 256 x 4 layers, vision 128 x 4; fp32, sdpa, vision
 tower frozen, language model fully trained), 2 chat prompts with one 448x448 image each (256 image
 tokens; the two prompts differ in length, so one is left-padded), G completions of L random text
 tokens per prompt (no EOS: every position counts). Sharing modes (``backbone/shared_prompt.py``):
 ``none`` (G copies), ``cache`` (the prompt's repeated key/value cache) and ``grouped`` (one
-sequence per prompt with a block mask); with ``--gradient-checkpointing``, which drops caches,
+sequence per prompt, split attention); with ``--gradient-checkpointing``, which drops caches,
 ``images`` (images encoded once, the prompt tokens G times) takes the place of ``cache``. For each
 (G, L) setting the modes run in rounds, the order rotating every round, so load from other
 processes falls on all of them alike.
@@ -40,7 +50,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pathvlm_lightning.backbone import Backbone
+import functools
+import tempfile
+
+from pathvlm_lightning.backbone import Backbone, prefix_group, wrapper
+from pathvlm_lightning.backbone.tiny import build_tiny_config
 
 _LIBC = ctypes.CDLL("libc.so.6")
 _M_MMAP_THRESHOLD = -3
@@ -59,7 +73,26 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
 
 
-def make_prompts(backbone: Backbone, image_size: int) -> dict[str, torch.Tensor]:
+PAPER_QUESTION = "Describe the stain, the nuclei, their size, shape, density and grade of this tissue tile. "
+
+
+def paper_shape_backbone(folder: Path, gradient_checkpointing: bool) -> Backbone:
+    """Random weights with Qwen2.5-VL-7B's attention geometry (see the module docstring), loaded from ``folder``."""
+    processor = Backbone(model="embedded-tiny").processor
+    config = build_tiny_config(processor.tokenizer, "tiny")
+    text = config.text_config
+    text.hidden_size, text.num_attention_heads, text.num_key_value_heads = 896, 7, 1
+    text.intermediate_size, text.num_hidden_layers = 1792, 2
+    text.rope_parameters["mrope_section"] = [16, 24, 24]  # sums to head_dim / 2 = 64
+    config.vision_config.out_hidden_size = 896
+    config.to_json_file(folder / "config.json")
+    processor.save_pretrained(folder)
+    return Backbone(model=str(folder), gradient_checkpointing=gradient_checkpointing)
+
+
+def make_prompts(
+    backbone: Backbone, image_size: int, questions: tuple[str, ...] = QUESTIONS
+) -> dict[str, torch.Tensor]:
     processor = backbone.processor
     texts = [
         processor.apply_chat_template(
@@ -67,7 +100,7 @@ def make_prompts(backbone: Backbone, image_size: int) -> dict[str, torch.Tensor]
             add_generation_prompt=True,
             tokenize=False,
         )
-        for q in QUESTIONS
+        for q in questions
     ]
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in texts]
@@ -76,7 +109,10 @@ def make_prompts(backbone: Backbone, image_size: int) -> dict[str, torch.Tensor]
 
 def measure(backbone: Backbone, mode: str, prompts: dict, completions: torch.Tensor, g: int) -> dict[str, float]:
     """One forward+backward of ``token_logprobs`` with the sharing mode forced to ``mode``."""
-    backbone.sharing_mode = lambda inputs: mode  # instance attribute: forces the path for this call
+    dense = mode == "grouped_mask"
+    backbone.sharing_mode = lambda inputs: "grouped" if dense else mode  # instance attribute: forces the path
+    original = prefix_group.grouped_hidden_states
+    wrapper.grouped_hidden_states = functools.partial(original, dense_mask=True) if dense else original
     backbone.zero_grad(set_to_none=True)
     before = _rss_mib("VmRSS")
     _reset_peak()
@@ -92,8 +128,8 @@ def run_setting(
     """``rounds`` measurements of each of ``modes`` (the first is the baseline, the last ``grouped``)."""
     generator = torch.Generator().manual_seed(g * 1000 + length)
     completions = torch.randint(0, 900, (prompts["input_ids"].shape[0] * g, length), generator=generator)  # text ids
-    for mode in modes:  # warm-up: allocator and kernels
-        measure(backbone, mode, prompts, completions, g)
+    for mode in modes:  # warm-up: allocator and kernels (on the first 64 tokens: the shapes differ, the code not)
+        measure(backbone, mode, prompts, completions[:, :64], g)
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     for r in range(rounds):
         for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
@@ -119,6 +155,11 @@ def main() -> None:
     parser.add_argument("--generations", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--paper-shape", action="store_true")
+    parser.add_argument("--with-dense-mask", action="store_true")
+    parser.add_argument(
+        "--paper-question-chars", type=int, default=3700, help="question length with --paper-shape (3,700: P = 1,301)"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,14 +167,23 @@ def main() -> None:
     # (glibc would otherwise raise the threshold after the first large free and keep such blocks).
     _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
     torch.manual_seed(0)
-    backbone = Backbone(model="embedded-small", gradient_checkpointing=args.gradient_checkpointing)
-    modes = ("none", "images" if args.gradient_checkpointing else "cache", "grouped")
-    prompts = make_prompts(backbone, args.image_size)
+    modes = ("none", "images" if args.gradient_checkpointing else "cache")
+    modes += ("grouped_mask", "grouped") if args.with_dense_mask else ("grouped",)
+    if args.paper_shape:
+        folder = Path(tempfile.mkdtemp(prefix="paper_shape_"))
+        backbone = paper_shape_backbone(folder, args.gradient_checkpointing)
+        question = PAPER_QUESTION * 60  # ~1,300 prompt tokens with the 576 image tokens
+        prompts = make_prompts(backbone, 672, (question[: args.paper_question_chars],))
+    else:
+        backbone = Backbone(model="embedded-small", gradient_checkpointing=args.gradient_checkpointing)
+        prompts = make_prompts(backbone, args.image_size)
     settings = []
     for g in args.generations:
         for length in args.lengths:
             result = run_setting(backbone, prompts, g, length, args.rounds, modes)
             settings.append(result)
+            p = prompts["input_ids"].shape[1]
+            result["floor"] = (p + g * length) / (g * (p + length))
             seconds, ratios = result["median_seconds"], result["ratio_to_copies_seconds"]
             memory, memory_ratios = result["median_peak_growth_mib"], result["ratio_to_copies_peak_growth_mib"]
             print(
@@ -142,6 +192,7 @@ def main() -> None:
                     f"{m} {seconds[m]:.3f} s (x{ratios[m]:.2f}), +{memory[m]:.0f} MiB (x{memory_ratios[m]:.2f})"
                     for m in modes
                 )
+                + f"; floor {result['floor']:.3f}"
                 + f"; grouped/{modes[1]} x{result[f'ratio_grouped_to_{modes[1]}_seconds']:.2f} time, "
                 f"x{result[f'ratio_grouped_to_{modes[1]}_peak_growth_mib']:.2f} memory",
                 flush=True,
