@@ -28,6 +28,7 @@ from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceM
 from pathvlm_lightning.data import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.advantages import finite_std
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.dist_worker import STEPS, FixedRollout, StepRecorder, _trainable_weights, _trainer_args
 from tests.test_data_support import pathmmu_rows, write_jsonl
@@ -117,7 +118,7 @@ def grpo_batch_scaled(name: str, strategy: str, batch_size: int, data_dir: Path,
     """GRPO with ``scale_rewards: batch`` (global std), dapo, and micro-batches of one group."""
     pl.seed_everything(0)
     module = GRPOModule(
-        Backbone(), optimizer=_sgd, loss_type="dapo", beta=0.0, scale_rewards="batch", micro_batch_size=4
+        Backbone(), optimizer=_sgd, loss=GRPOLoss(aggregation="dapo", beta=0.0), scale_rewards="batch", micro_batch_size=4
     )
     advantages: dict[str, list[float]] = {}
     local_stds: list[float] = []

@@ -24,6 +24,7 @@ import torch
 
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.callbacks import ReferenceModelCallback
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule
 from tests.fit_support import MemoryLogger, make_datamodule, trainer_kwargs
 from tests.test_grpo_module import G, LengthReward, rollout_callback
@@ -51,8 +52,7 @@ def fit(root: Path, loss_type: str, micro_batch_size: int | None) -> tuple[Gradi
     module = GRPOModule(
         Backbone("embedded-tiny", seed=0),
         optimizer=functools.partial(torch.optim.SGD, lr=LR),
-        loss_type=loss_type,
-        beta=0.04,
+        loss=GRPOLoss(aggregation=loss_type, beta=0.04),
         num_iterations=2,
         max_grad_norm=None,
         micro_batch_size=micro_batch_size,

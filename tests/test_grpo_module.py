@@ -97,7 +97,7 @@ class LossCalls(pl.Callback):
         self.batches = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: GRPOModule) -> None:
-        forward = pl_module.loss_fn.forward
+        forward = pl_module.loss.forward
 
         def recording(logprobs, advantages, mask, **kwargs):
             loss, stats = forward(logprobs, advantages, mask, **kwargs)
@@ -108,7 +108,7 @@ class LossCalls(pl.Callback):
             )
             return loss, stats
 
-        pl_module.loss_fn.forward = recording
+        pl_module.loss.forward = recording
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
