@@ -206,7 +206,7 @@ class _ForwardDtypes(pl.Callback):
 def fsdp2_bf16(name: str, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """GRPO, full fine-tuning with a sharded reference, FSDP2 under ``bf16-mixed``."""
     pl.seed_everything(0)
-    module = GRPOModule(Backbone(), optimizer=_sgd, beta=0.04)
+    module = GRPOModule(Backbone(), optimizer=_sgd, loss=GRPOLoss(beta=0.04))
     reference = ReferenceModelCallback()
     dtypes = _ForwardDtypes(reference)
     trainer = _trainer("fsdp2", [FixedRollout(), FormatReward(), AccuracyReward(), reference, dtypes], 1,
@@ -231,7 +231,7 @@ def fsdp2_reference_resume(name: str, data_dir: Path, out_dir: Path) -> dict[str
     fits: list[tuple[GRPOModule, ReferenceModelCallback]] = []
     for max_steps, ckpt_path in ((2, None), (3, ckpt_dir / "step=2.ckpt")):
         pl.seed_everything(0)
-        module = GRPOModule(Backbone(), optimizer=_sgd, beta=0.04)
+        module = GRPOModule(Backbone(), optimizer=_sgd, loss=GRPOLoss(beta=0.04))
         reference = ReferenceModelCallback()
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
         callbacks = [FixedRollout(), FormatReward(), AccuracyReward(), reference, checkpoint]
