@@ -54,7 +54,8 @@ class SAPOLoss(PolicyLoss):
         self, logprobs: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor
     ) -> PolicyTerms:
         ratio = torch.exp(log_ratio(logprobs, old, valid))  # [N, L]
-        tau = torch.where(adv > 0, self.tau_pos, self.tau_neg)  # [N, 1]
+        # In the log-probs' dtype: torch.where of two Python floats would give float32 (1.05 inexact).
+        tau = torch.where(adv > 0, adv.new_tensor(self.tau_pos), adv.new_tensor(self.tau_neg))  # [N, 1]
         gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau  # [N, L]
         never = torch.zeros_like(valid)
         return PolicyTerms(objective=gate * adv, ratio=ratio.detach(), clipped_low=never, clipped_high=never)
