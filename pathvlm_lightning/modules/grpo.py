@@ -95,8 +95,12 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "loss"])
         self.automatic_optimization = False
         self._init_evaluation(eval_max_new_tokens, predictions_path)
+        if loss is not None and not isinstance(loss, PolicyLoss):
+            raise TypeError(
+                f"GRPOModule: loss must be a PolicyLoss (pathvlm_lightning.grpo.losses), got {type(loss).__name__}"
+            )
         self.loss = GRPOLoss() if loss is None else loss
-        self.hparams["loss"] = self.loss.config()  # hparams.yaml names the loss and its settings
+        self.save_hyperparameters({"loss": self.loss.config()})  # hparams.yaml names the loss and its settings
         self._chain: GRPOChain | None = None
         self._skipped_steps = 0
 
