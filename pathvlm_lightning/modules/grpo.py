@@ -25,9 +25,10 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     in YAML: ``RolloutCallback.generate`` (B*G completions) -> every reward's ``begin`` -> the
     ``ReferenceModelCallback`` forward (only when the loss's ``beta > 0``; a judge's network wait
     overlaps it) -> every reward's ``score`` -> group-relative advantages -> the injected ``loss``
-    (``grpo/losses/``: GRPO/DAPO, GSPO, CISPO, SAPO, each with the k3 KL). Optimisation is manual because one rollout feeds ``num_iterations`` optimizer
-    steps; with 1 the old log-probs are the detached current ones and no extra forward is spent,
-    with more the first pass's detached log-probs serve as the old policy's.
+    (``grpo/losses/``: GRPO/DAPO, GSPO, CISPO, SAPO, each with the k3 KL). Optimisation is manual
+    because one rollout feeds ``num_iterations`` optimizer steps; with 1 the old log-probs are the
+    detached current ones and no extra forward is spent, with more the first pass's detached
+    log-probs serve as the old policy's.
 
     With ``micro_batch_size`` the policy and reference passes run over slices of whole groups (a
     group's prompt stays in one pass) and gradients accumulate over the slices before the one
