@@ -21,6 +21,7 @@ from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceModelCallback, RolloutCallback
 from pathvlm_lightning.data.collate import PromptCollator
 from pathvlm_lightning.data.datamodule import RecordDataset
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule
 
 
@@ -60,10 +61,9 @@ def main() -> None:
     module = GRPOModule(
         backbone,
         optimizer=partial(torch.optim.AdamW, lr=settings.learning_rate, weight_decay=0.0),
-        loss_type=settings.loss_type,
-        beta=settings.beta,
-        epsilon_low=settings.epsilon,
-        epsilon_high=settings.epsilon,
+        loss=GRPOLoss(
+            aggregation=settings.loss_type, beta=settings.beta, epsilon_low=settings.epsilon, epsilon_high=settings.epsilon
+        ),
         scale_rewards="group",
         num_iterations=1,
         max_grad_norm=settings.max_grad_norm,

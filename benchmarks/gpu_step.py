@@ -88,6 +88,7 @@ from pathvlm_lightning.backbone.vocab import build_processor, qwen2_5_vl_spec  #
 from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceModelCallback, RolloutCallback  # noqa: E402
 from pathvlm_lightning.data.collate import PromptCollator  # noqa: E402
 from pathvlm_lightning.data.datamodule import RecordDataset  # noqa: E402
+from pathvlm_lightning.grpo.losses import GRPOLoss  # noqa: E402
 from pathvlm_lightning.modules import GRPOModule  # noqa: E402
 
 PAPER_MAX_PIXELS = 1003520  # configs/grpo.yaml; an 896x896 image fits unchanged: 64x64 patches, 1,024 tokens
@@ -173,8 +174,7 @@ def run_setting(mode: str, group: int, folder: Path, records: Path, args: argpar
     module = GRPOModule(
         backbone,
         optimizer=partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0),
-        loss_type="grpo",
-        beta=0.04,
+        loss=GRPOLoss(aggregation="grpo", beta=0.04),
         skip_zero_advantage_steps=False,  # a random model's rewards rarely vary: measure the full step
         log_completions_every_n_steps=0,
     )

@@ -51,6 +51,7 @@ def worker(variant: str, model: str, out: Path) -> None:
     from pathvlm_lightning.backbone.sharding import fsdp_units
     from pathvlm_lightning.callbacks import ReferenceModelCallback, RewardCallback, RolloutCallback
     from pathvlm_lightning.data import VQADataModule
+    from pathvlm_lightning.grpo.losses import GRPOLoss
     from pathvlm_lightning.modules import GRPOModule
 
     class LengthReward(RewardCallback):
@@ -83,7 +84,7 @@ def worker(variant: str, model: str, out: Path) -> None:
     backbone = Backbone(model=model)
     weights_mib = sum(p.numel() * 4 for p in backbone.parameters()) / 2**20
     beta = 0.0 if variant == "policy" else 0.04
-    module = GRPOModule(backbone, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), beta=beta,
+    module = GRPOModule(backbone, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), loss=GRPOLoss(beta=beta),
                         log_completions_every_n_steps=0)
     start = TrainStart()
     callbacks: list[pl.Callback] = [RolloutCallback(num_generations=4, max_new_tokens=8), LengthReward(), start]

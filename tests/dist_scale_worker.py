@@ -28,6 +28,7 @@ from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceM
 from pathvlm_lightning.data import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.advantages import finite_std
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.dist_worker import STEPS, FixedRollout, StepRecorder, _trainable_weights, _trainer_args
 from tests.test_data_support import pathmmu_rows, write_jsonl
@@ -117,7 +118,7 @@ def grpo_batch_scaled(name: str, strategy: str, batch_size: int, data_dir: Path,
     """GRPO with ``scale_rewards: batch`` (global std), dapo, and micro-batches of one group."""
     pl.seed_everything(0)
     module = GRPOModule(
-        Backbone(), optimizer=_sgd, loss_type="dapo", beta=0.0, scale_rewards="batch", micro_batch_size=4
+        Backbone(), optimizer=_sgd, loss=GRPOLoss(aggregation="dapo", beta=0.0), scale_rewards="batch", micro_batch_size=4
     )
     advantages: dict[str, list[float]] = {}
     local_stds: list[float] = []
@@ -205,7 +206,7 @@ class _ForwardDtypes(pl.Callback):
 def fsdp2_bf16(name: str, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """GRPO, full fine-tuning with a sharded reference, FSDP2 under ``bf16-mixed``."""
     pl.seed_everything(0)
-    module = GRPOModule(Backbone(), optimizer=_sgd, beta=0.04)
+    module = GRPOModule(Backbone(), optimizer=_sgd, loss=GRPOLoss(beta=0.04))
     reference = ReferenceModelCallback()
     dtypes = _ForwardDtypes(reference)
     trainer = _trainer("fsdp2", [FixedRollout(), FormatReward(), AccuracyReward(), reference, dtypes], 1,
@@ -230,7 +231,7 @@ def fsdp2_reference_resume(name: str, data_dir: Path, out_dir: Path) -> dict[str
     fits: list[tuple[GRPOModule, ReferenceModelCallback]] = []
     for max_steps, ckpt_path in ((2, None), (3, ckpt_dir / "step=2.ckpt")):
         pl.seed_everything(0)
-        module = GRPOModule(Backbone(), optimizer=_sgd, beta=0.04)
+        module = GRPOModule(Backbone(), optimizer=_sgd, loss=GRPOLoss(beta=0.04))
         reference = ReferenceModelCallback()
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
         callbacks = [FixedRollout(), FormatReward(), AccuracyReward(), reference, checkpoint]

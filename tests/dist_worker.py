@@ -45,6 +45,7 @@ from pathvlm_lightning.callbacks import AccuracyReward, ExportCallback, FormatRe
 from pathvlm_lightning.callbacks.rollout import RolloutCallback
 from pathvlm_lightning.data import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.grpo.rollout import Rollout
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.test_data_support import pathmmu_rows, write_jsonl
@@ -216,7 +217,7 @@ def run_scenario(name: str, scenario: Scenario, data_dir: Path, out_dir: Path) -
         module: Any = SFTModule(backbone, optimizer=optimizer)
         callbacks: list[pl.Callback] = []
     else:
-        module = GRPOModule(backbone, optimizer=optimizer, loss_type=scenario.loss_type, beta=scenario.beta)
+        module = GRPOModule(backbone, optimizer=optimizer, loss=GRPOLoss(aggregation=scenario.loss_type, beta=scenario.beta))
         callbacks = [FixedRollout(), FormatReward(), AccuracyReward()]
         if scenario.beta > 0:  # a synced frozen copy with full fine-tuning; LoRA's is the adapter-free base
             callbacks.append(ReferenceModelCallback(sync_every_n_steps=None if scenario.lora else 1))

@@ -19,6 +19,7 @@ import yaml
 
 from pathvlm_lightning.callbacks import ReferenceModelCallback
 from pathvlm_lightning.cli import ConfigBaseError, expand_bases, main, parse_config
+from pathvlm_lightning.grpo.losses.legacy import LegacyLossConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 # Plans (test_pipeline_runner) and plan overlays, whose header runs them with `pipeline --config` (test_pipeline_overlay).
@@ -158,10 +159,15 @@ def test_bases_are_read_first_and_their_errors_name_the_file(tmp_path: Path) -> 
 
 def test_print_config_fills_in_the_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
-    printed = print_config(["fit", "--config", "configs/demo/grpo.yaml", "--model.init_args.beta=0.0"], capsys)
+    printed = print_config(
+        ["fit", "--config", "configs/demo/grpo.yaml", "--model.init_args.loss.init_args.beta=0.0"], capsys
+    )
     init = printed["model"]["init_args"]
-    assert init["beta"] == 0.0  # the command line wins over the YAML's 0.04
-    assert init["epsilon_low"] == 0.2 and init["num_iterations"] == 1  # GRPOModule's defaults, not in the YAML
+    loss = init["loss"]
+    assert loss["class_path"] == "pathvlm_lightning.grpo.losses.GRPOLoss"
+    assert loss["init_args"]["beta"] == 0.0  # the command line wins over the YAML's 0.04
+    assert loss["init_args"]["epsilon_low"] == 0.2  # GRPOLoss's default, not in the YAML
+    assert init["num_iterations"] == 1  # GRPOModule's default
     assert init["backbone"]["init_args"]["freeze_vision"] is True  # Backbone's default
 
 
@@ -298,3 +304,15 @@ def test_every_paper_config_holds_its_largest_image_in_the_prompt(files: list[st
     assert limit is not None, files
     assert image_tokens + _text_tokens() <= limit, (files, image_tokens, _text_tokens(), limit)
     assert image_tokens >= 512, files  # and still a useful resolution (at least 512 tokens: ~630 x 630 pixels)
+
+
+def test_a_config_that_sets_the_loss_on_the_module_stops_with_the_new_layout(tmp_path: Path) -> None:
+    (tmp_path / "old.yaml").write_text("model:\n  init_args:\n    loss_type: dapo\n    epsilon_high: 0.28\n")
+    with pytest.raises(LegacyLossConfigError) as raised:
+        expand_bases(["--config", str(tmp_path / "old.yaml")])
+    message = str(raised.value)
+    assert "old.yaml: model.init_args sets loss_type, epsilon_high" in message
+    assert "      class_path: pathvlm_lightning.grpo.losses.GRPOLoss\n      init_args:\n" in message
+    assert "        aggregation: dapo\n        epsilon_high: 0.28" in message
+    with pytest.raises(LegacyLossConfigError, match=r"(?s)the flag --model.init_args.beta=0.0: .*        beta: 0.0"):
+        expand_bases(["--config", "configs/demo/grpo.yaml", "--model.init_args.beta=0.0"])

@@ -206,7 +206,7 @@ def test_model_card_of_a_grpo_stage_lists_its_settings_and_no_secrets():
     card = model_card("grpo_process", "Stage 3.", "runs/demo/grpo/export", config, metrics)
     for leaked in ("sk-LEAK-123", "hf_LEAK_456", "MY_KEY", "api_key"):
         assert leaked not in card
-    for row in ("| module | GRPOModule |", "| lr | 0.0001 |", "| loss_type | grpo |", "| beta | 0.04 |",
+    for row in ("| module | GRPOModule |", "| lr | 0.0001 |", "| loss | GRPOLoss |", "| aggregation | grpo |", "| beta | 0.04 |",
                 "| num_generations | 8 |", "| max_new_tokens | 64 |"):  # fmt: skip
         assert row in card
     assert "RubricProcessReward (weight 1.0), ProcessReward (weight 0.5)" in card

@@ -10,9 +10,9 @@ Why equality is expected, not only approximate agreement:
   equals the 1-process token mean when every rank has the same number of label tokens, which the
   records here guarantee (same answer and explanation everywhere). With unequal counts DDP
   weighs a token of the shorter rank more (as gradient accumulation does).
-- GRPO, ``loss_type: grpo``: mean over each completion's tokens, then over completions; every rank
+- GRPO, ``aggregation: grpo``: mean over each completion's tokens, then over completions; every rank
   has the same number of completions and whole groups, so the rank mean of means is the global mean.
-- GRPO, ``loss_type: dapo``: the token sum is divided by the step's token count over all ranks
+- GRPO, ``aggregation: dapo``: the token sum is divided by the step's token count over all ranks
   / world size (``GRPOModule._dapo_num_tokens``); the fixed completions give ranks different token
   counts, so this is what makes the two agree.
 - Sampling would differ per rank (RNG), so the rollout is fixed per record (``FixedRollout``).

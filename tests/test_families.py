@@ -27,6 +27,7 @@ from pathvlm_lightning.backbone import Backbone, LoraOptions, completion_mask, l
 from pathvlm_lightning.backbone.families import FAMILIES, family_for_config
 from pathvlm_lightning.backbone.tiny import build_tiny_model, build_tiny_processor
 from pathvlm_lightning.commands import infer
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.dist_worker import FAMILY_SCENARIOS, SCENARIOS, run_scenario
 from tests.fit_support import make_datamodule, parameters, trainer_kwargs
@@ -130,7 +131,7 @@ def test_grpo_fit_trains_the_language_model_and_keeps_the_vision_tower(model, tm
     module = GRPOModule(
         Backbone(model),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        beta=0.0,
+        loss=GRPOLoss(beta=0.0),
         log_completions_every_n_steps=0,
     )
     before = parameters(module.backbone)

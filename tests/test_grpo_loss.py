@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pathvlm_lightning.grpo.loss import GRPOLoss, StepTotals, sum_stats
+from pathvlm_lightning.grpo.losses import GRPOLoss, StepTotals, sum_stats
 
 # Two completions, old log-probs 0, so ratio = exp(logprobs) is chosen directly:
 #   completion 0, A = +1, ratios [1.5, 1.0, pad]
@@ -26,19 +26,19 @@ def hand_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
     ("kwargs", "num_tokens", "expected"),
     [
         # grpo: mean(-2.2 / 2, 2.9 / 3) = (-1.1 + 0.9666667) / 2
-        ({"loss_type": "grpo"}, None, -0.0666667),
+        ({"aggregation": "grpo"}, None, -0.0666667),
         # bnpo: 0.7 / 5
-        ({"loss_type": "bnpo"}, None, 0.14),
+        ({"aggregation": "bnpo"}, None, 0.14),
         # dr_grpo: 0.7 / (2 completions * 4 max tokens)
-        ({"loss_type": "dr_grpo", "max_completion_length": 4}, None, 0.0875),
+        ({"aggregation": "dr_grpo"}, None, 0.0875),
         # dapo: 0.7 / 10 tokens in the whole (global) step; without the count it is bnpo
-        ({"loss_type": "dapo"}, 10, 0.07),
-        ({"loss_type": "dapo"}, None, 0.14),
+        ({"aggregation": "dapo"}, 10, 0.07),
+        ({"aggregation": "dapo"}, None, 0.14),
     ],
 )
 def test_aggregations_by_hand(kwargs, num_tokens, expected):
     logprobs, old, advantages, mask = hand_inputs()
-    loss, stats = GRPOLoss(beta=0.0, **kwargs)(
+    loss, stats = GRPOLoss(beta=0.0, **kwargs).bind(max_completion_length=4)(
         logprobs, advantages, mask, old_logprobs=old, num_tokens=num_tokens
     )
     assert loss.item() == pytest.approx(expected, abs=1e-6)
@@ -66,7 +66,7 @@ def test_clip_higher():
     # epsilon_high 0.28: (0,0) becomes -min(1.5, 1.28) = -1.28, so bnpo (0.7 - 0.08) / 5 = 0.124;
     # 1.5 is still above 1.28, so still clipped.
     logprobs, old, advantages, mask = hand_inputs()
-    loss, stats = GRPOLoss(loss_type="bnpo", epsilon_high=0.28, beta=0.0)(
+    loss, stats = GRPOLoss(aggregation="bnpo", epsilon_high=0.28, beta=0.0)(
         logprobs, advantages, mask, old_logprobs=old
     )
     assert loss.item() == pytest.approx(0.124)
@@ -78,7 +78,7 @@ def test_clip_is_one_sided_pessimistic_bound():
     # Ratio 0.5 with A = +1: -min(0.5, 0.8) = -0.5, not clipped, gradient -0.5.
     # bnpo over 2 tokens: loss (2.0 - 0.5) / 2 = 0.75, gradients [1.0, -0.25].
     logprobs = torch.tensor([[2.0], [0.5]]).log().requires_grad_()
-    loss, stats = GRPOLoss(loss_type="bnpo", beta=0.0)(
+    loss, stats = GRPOLoss(aggregation="bnpo", beta=0.0)(
         logprobs, torch.tensor([-1.0, 1.0]), torch.ones(2, 1), old_logprobs=torch.zeros(2, 1)
     )
     loss.backward()
@@ -123,9 +123,9 @@ def test_dapo_global_count_makes_micro_batches_add_up():
     logprobs = -torch.rand(4, 5, generator=gen, dtype=torch.float64)
     advantages = torch.randn(4, generator=gen, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
-    whole, _ = GRPOLoss(loss_type="bnpo", beta=0.0)(logprobs, advantages, mask)
+    whole, _ = GRPOLoss(aggregation="bnpo", beta=0.0)(logprobs, advantages, mask)
     total = int(mask.sum())
-    dapo, bnpo = GRPOLoss(loss_type="dapo", beta=0.0), GRPOLoss(loss_type="bnpo", beta=0.0)
+    dapo, bnpo = GRPOLoss(aggregation="dapo", beta=0.0), GRPOLoss(aggregation="bnpo", beta=0.0)
     halves = [slice(0, 2), slice(2, 4)]
     dapo_sum = sum(
         dapo(logprobs[h], advantages[h], mask[h], num_tokens=total)[0] for h in halves
@@ -209,9 +209,7 @@ def test_parity_with_published_formulas(loss_type, num_iterations, epsilon_high)
     else:  # the sampling policy was a different, earlier one
         old_ours = old_published = logp.detach() + 0.4 * torch.randn(6, 7, generator=gen, dtype=torch.float64)
     max_len = 9
-    module = GRPOLoss(
-        loss_type=loss_type, epsilon_high=epsilon_high, beta=0.04, max_completion_length=max_len
-    )
+    module = GRPOLoss(aggregation=loss_type, epsilon_high=epsilon_high, beta=0.04).bind(max_completion_length=max_len)
     ours, stats = module(logp, adv, mask, old_logprobs=old_ours, ref_logprobs=ref)
     expected = published_loss(
         logp, old_published, ref, adv, mask, loss_type, 0.04, 0.2, epsilon_high, max_len
@@ -236,17 +234,18 @@ def test_parity_with_published_formulas(loss_type, num_iterations, epsilon_high)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"loss_type": "ppo"}, "got 'ppo'"),
+        ({"aggregation": "ppo"}, "got 'ppo'"),
         ({"epsilon_low": 1.0}, "got 1.0"),
         ({"epsilon_high": -0.1}, "got -0.1"),
         ({"beta": -0.01}, "got -0.01"),
         ({"beta": math.inf}, "got inf"),
-        ({"loss_type": "dr_grpo"}, "needs max_completion_length > 0, got None"),
     ],
 )
 def test_bad_construction_is_quoted(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GRPOLoss(**kwargs)
+    with pytest.raises(ValueError, match="max_completion_length must be an integer > 0, got 0"):
+        GRPOLoss().bind(max_completion_length=0)
 
 
 def test_bad_inputs_are_quoted():
@@ -258,11 +257,13 @@ def test_bad_inputs_are_quoted():
     with pytest.raises(ValueError, match=r"advantages must be \[2\], got \(3,\)"):
         GRPOLoss(beta=0.0)(logp, torch.zeros(3), mask)
     with pytest.raises(ValueError, match="exceed max_completion_length=2"):
-        GRPOLoss(loss_type="dr_grpo", beta=0.0, max_completion_length=2)(logp, adv, mask)
-    with pytest.raises(ValueError, match="only used by loss_type 'dapo', not 'bnpo'"):
-        GRPOLoss(loss_type="bnpo", beta=0.0)(logp, adv, mask, num_tokens=5)
+        GRPOLoss(aggregation="dr_grpo", beta=0.0).bind(max_completion_length=2)(logp, adv, mask)
+    with pytest.raises(ValueError, match=r"'dr_grpo' needs max_completion_length; the module binds"):
+        GRPOLoss(aggregation="dr_grpo", beta=0.0)(logp, adv, mask)
+    with pytest.raises(ValueError, match="only used by aggregation 'dapo', not 'bnpo'"):
+        GRPOLoss(aggregation="bnpo", beta=0.0)(logp, adv, mask, num_tokens=5)
     with pytest.raises(ValueError, match="num_tokens must be > 0, got 0"):
-        GRPOLoss(loss_type="dapo", beta=0.0)(logp, adv, mask, num_tokens=0)
+        GRPOLoss(aggregation="dapo", beta=0.0)(logp, adv, mask, num_tokens=0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
@@ -277,7 +278,7 @@ def test_micro_batch_shares_add_up_to_the_whole_step(loss_type):
     advantages = torch.randn(6, generator=gen, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     num_tokens = 40.0 if loss_type == "dapo" else None  # e.g. the tokens of all ranks / world size
-    module = GRPOLoss(loss_type=loss_type, beta=0.1, max_completion_length=5)
+    module = GRPOLoss(aggregation=loss_type, beta=0.1).bind(max_completion_length=5)
     whole, whole_stats = module(logprobs, advantages, mask, old_logprobs=old, ref_logprobs=ref, num_tokens=num_tokens)
     (expected_grad,) = torch.autograd.grad(whole, logprobs)
     totals = StepTotals.of(mask)

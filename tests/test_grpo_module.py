@@ -22,6 +22,7 @@ from pathvlm_lightning.backbone import Backbone, LoraOptions
 from pathvlm_lightning.callbacks import FormatReward, ReferenceModelCallback, RewardCallback, RolloutCallback
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule
 from tests.fit_support import MemoryLogger, make_datamodule, parameters, tensorboard_events, trainer_kwargs
 
@@ -97,7 +98,7 @@ class LossCalls(pl.Callback):
         self.batches = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: GRPOModule) -> None:
-        forward = pl_module.loss_fn.forward
+        forward = pl_module.loss.forward
 
         def recording(logprobs, advantages, mask, **kwargs):
             loss, stats = forward(logprobs, advantages, mask, **kwargs)
@@ -108,7 +109,7 @@ class LossCalls(pl.Callback):
             )
             return loss, stats
 
-        pl_module.loss_fn.forward = recording
+        pl_module.loss.forward = recording
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
@@ -131,6 +132,8 @@ def grpo_fit(
     """Seeded tiny-model GRPO fit; returns the module, trainer, metric history and initial parameters."""
     pl.seed_everything(0)
     module_kwargs.setdefault("log_completions_every_n_steps", 0)
+    if "beta" in module_kwargs:  # the KL coefficient is the loss's
+        module_kwargs["loss"] = GRPOLoss(beta=module_kwargs.pop("beta"))
     module = GRPOModule(
         Backbone("embedded-tiny", seed=0, lora=lora),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
@@ -369,7 +372,7 @@ def test_resumed_fit_keeps_the_starting_weights_as_reference(tmp_path: Path) -> 
              beta=0.04, trainer_overrides=dict(enable_checkpointing=True))
     reference = ReferenceModelCallback()
     pl.seed_everything(0)
-    module = GRPOModule(Backbone("embedded-tiny", seed=0), beta=0.04, log_completions_every_n_steps=0)
+    module = GRPOModule(Backbone("embedded-tiny", seed=0), loss=GRPOLoss(beta=0.04), log_completions_every_n_steps=0)
     before = parameters(module.backbone)
     callbacks = [rollout_callback(), LengthReward(), reference]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=3, callbacks=callbacks))

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.callbacks import ReferenceModelCallback, RewardCallback, RolloutCallback
 from pathvlm_lightning.data.records import VQARecord
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule, SFTModule, WarmupCosineLR
 from tests.fit_support import MemoryLogger, make_datamodule, parameters, trainer_kwargs
 
@@ -56,7 +57,7 @@ def grpo_module() -> GRPOModule:
     return GRPOModule(
         Backbone("embedded-tiny", seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        beta=0.04,
+        loss=GRPOLoss(beta=0.04),
         log_completions_every_n_steps=0,
     )
 

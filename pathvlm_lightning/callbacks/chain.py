@@ -44,7 +44,7 @@ def find_chain(callbacks: Sequence[Callback], needs_reference: bool) -> GRPOChai
     if needs_reference and not references:
         raise ValueError(
             "GRPO with beta > 0 needs a ReferenceModelCallback in trainer.callbacks "
-            "(pathvlm_lightning.callbacks.ReferenceModelCallback), or set model.init_args.beta: 0."
+            "(pathvlm_lightning.callbacks.ReferenceModelCallback), or set model.init_args.loss.init_args.beta: 0."
         )
     return GRPOChain(
         rollout=rollouts[0],

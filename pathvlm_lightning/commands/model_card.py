@@ -138,8 +138,12 @@ def _hyperparameters(config: dict[str, Any], module: dict[str, Any]) -> list[tup
     rows += [(name, str(trainer[name])) for name in ("max_epochs", "max_steps", "precision") if trainer.get(name) not in unset]
     data = init_args(config.get("data", {}))
     rows += [(name, str(data[name])) for name in ("batch_size",) if name in data]
-    if "loss_type" in module or "GRPO" in rows[0][1]:
-        rows += [(name, str(module[name])) for name in ("loss_type", "beta", "scale_rewards") if name in module]
+    if "loss" in module or "GRPO" in rows[0][1]:
+        loss = module.get("loss")
+        if isinstance(loss, Mapping):  # class_path + init_args (hparams and YAML name it so)
+            rows.append(("loss", short_name(loss.get("class_path", "?"))))
+            rows += [(name, str(value)) for name, value in init_args(loss).items()]
+        rows += [(name, str(module[name])) for name in ("scale_rewards",) if name in module]
         nodes = callbacks(config)
         for callback in nodes:
             if short_name(callback.get("class_path", "")) == "RolloutCallback":

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone
 from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
 from pathvlm_lightning.grpo.advantages import group_advantages, zero_variance_groups
-from pathvlm_lightning.grpo.loss import GRPOLoss, GRPOLossStats, LossType, StepTotals, sum_stats
+from pathvlm_lightning.grpo.losses import GRPOLoss, LossStats, PolicyLoss, StepTotals, sum_stats
 from pathvlm_lightning.grpo.rollout import Rollout
 from pathvlm_lightning.modules.base import BackboneModule
 from pathvlm_lightning.modules.evaluation import GenerationEvaluation
@@ -23,16 +23,17 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
 
     The step runs the chain that ``trainer.callbacks`` provide, in a fixed order whatever their order
     in YAML: ``RolloutCallback.generate`` (B*G completions) -> every reward's ``begin`` -> the
-    ``ReferenceModelCallback`` forward (only when ``beta > 0``; a judge's network wait overlaps it)
-    -> every reward's ``score`` -> group-relative advantages -> the clipped surrogate with k3 KL
-    (``grpo/loss.py``). Optimisation is manual because one rollout feeds ``num_iterations`` optimizer
-    steps; with 1 the old log-probs are the detached current ones and no extra forward is spent,
-    with more the first pass's detached log-probs serve as the old policy's.
+    ``ReferenceModelCallback`` forward (only when the loss's ``beta > 0``; a judge's network wait
+    overlaps it) -> every reward's ``score`` -> group-relative advantages -> the injected ``loss``
+    (``grpo/losses/``: GRPO/DAPO, GSPO, CISPO, SAPO, each with the k3 KL). Optimisation is manual
+    because one rollout feeds ``num_iterations`` optimizer steps; with 1 the old log-probs are the
+    detached current ones and no extra forward is spent, with more the first pass's detached
+    log-probs serve as the old policy's.
 
     With ``micro_batch_size`` the policy and reference passes run over slices of whole groups (a
     group's prompt stays in one pass) and gradients accumulate over the slices before the one
     optimizer step; every loss normaliser (completions, tokens, dapo's global count) is counted over
-    the whole step, so loss, statistics and gradient equal the full batch's (``grpo/loss.py``).
+    the whole step, so loss, statistics and gradient equal the full batch's (``grpo/losses/base.py``).
 
     A step where every group of every rank has zero-variance rewards (all advantages 0) teaches
     nothing: it is skipped (no forward/backward, no scheduler step, weights and optimizer state
@@ -45,10 +46,11 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     Args:
         backbone: the policy (starts from the SFT stage's exported folder).
         optimizer / scheduler: injected factories; the scheduler steps once per optimizer step.
-        loss_type: ``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo`` (see ``grpo/loss.py``); dapo divides by
-            the step's valid-token count summed over all data-parallel ranks.
-        beta: k3 KL coefficient; 0 computes no reference log-probs at all.
-        epsilon_low / epsilon_high: clip range of the ratio.
+        loss: the policy loss, by ``class_path`` in YAML (``pathvlm_lightning.grpo.losses.GRPOLoss``,
+            ``GSPOLoss``, ``CISPOLoss``, ``SAPOLoss``); default ``GRPOLoss()``. Its ``beta`` decides
+            whether a reference model runs (0: no reference log-probs at all); the module binds its
+            ``max_completion_length`` to the rollout's ``max_new_tokens`` (dr_grpo's normaliser) and
+            passes the dapo aggregation's global token count over all data-parallel ranks.
         scale_rewards: advantage scaling, ``group`` (std of the group), ``batch`` (std of the global
             batch, every data-parallel rank's rewards) or ``none``.
         num_iterations: optimizer steps per rollout (PPO-style reuse).
@@ -70,10 +72,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         backbone: Backbone,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
-        loss_type: LossType = "grpo",
-        beta: float = 0.04,
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.2,
+        loss: PolicyLoss | None = None,
         scale_rewards: Literal["group", "batch", "none"] = "group",
         num_iterations: int = 1,
         drop_zero_variance_groups: bool = False,
@@ -94,18 +93,22 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                 f"GRPOModule: micro_batch_size counts completions and must be an integer >= 1 or null, "
                 f"got {micro_batch_size!r}"
             )
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "loss"])
         self.automatic_optimization = False
         self._init_evaluation(eval_max_new_tokens, predictions_path)
-        self._loss_args = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta)
-        self.loss_fn: GRPOLoss | None = None  # built in setup, once max_new_tokens is known
+        if loss is not None and not isinstance(loss, PolicyLoss):
+            raise TypeError(
+                f"GRPOModule: loss must be a PolicyLoss (pathvlm_lightning.grpo.losses), got {type(loss).__name__}"
+            )
+        self.loss = GRPOLoss() if loss is None else loss
+        self.save_hyperparameters({"loss": self.loss.config()})  # hparams.yaml names the loss and its settings
         self._chain: GRPOChain | None = None
         self._skipped_steps = 0
         self._sharing_mode_said: str | None = None  # the mode last written to TensorBoard's hparams/text
 
     @property
     def needs_reference(self) -> bool:
-        return self.hparams.beta > 0
+        return self.loss.needs_reference
 
     @property
     def micro_batch_size(self) -> int | None:
@@ -122,7 +125,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                 f"GRPOModule: micro_batch_size={self.micro_batch_size} must be a multiple of the rollout's "
                 f"num_generations={group_size}, so that each group's prompt stays in one pass"
             )
-        self.loss_fn = GRPOLoss(**self._loss_args, max_completion_length=self._chain.rollout.max_new_tokens)
+        self.loss.bind(max_completion_length=self._chain.rollout.max_new_tokens)
 
     # ---- the step -------------------------------------------------------------------------------
     def make_rollout(self, batch: dict) -> Rollout:
@@ -176,8 +179,8 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             return
 
         scheduler = self.lr_schedulers()
-        dapo = self.hparams.loss_type == "dapo"
-        num_tokens = self._dapo_num_tokens(train_rollout.completion_mask) if dapo else None
+        global_count = self.loss.needs_global_token_count
+        num_tokens = self._dapo_num_tokens(train_rollout.completion_mask) if global_count else None
         totals = StepTotals.of(train_rollout.completion_mask)  # the whole step's normalisers
         parts = train_rollout.group_slices(self.micro_batch_size)
         for iteration in range(self.hparams.num_iterations):
@@ -204,13 +207,13 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
 
     def _accumulate(
         self, part: Rollout, num_tokens: float | None, totals: StepTotals
-    ) -> tuple[torch.Tensor, GRPOLossStats, torch.Tensor]:
+    ) -> tuple[torch.Tensor, LossStats, torch.Tensor]:
         """Forward-backward of one slice of whole groups: (its detached loss share, stats share,
         detached log-probs [n, L])."""
         logprobs = self.backbone.token_logprobs(
             part.prompt_inputs, part.completion_ids, num_generations=part.group_size, temperature=part.temperature
         )  # [n, L]
-        loss, stats = self.loss_fn(
+        loss, stats = self.loss(
             logprobs,
             part.advantages,
             part.completion_mask,
