@@ -38,6 +38,7 @@ from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.sharding import copy_local_shards, fsdp_units
 from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceModelCallback
 from pathvlm_lightning.data import VQADataModule
+from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule
 from tests.dist_worker import NUM_GENERATIONS, PREFIX_GENERATIONS, FixedRollout, prefix_case, write_records
 
@@ -189,7 +190,7 @@ def run_fit(data_dir: Path, processes: int) -> dict[str, Any]:
     pl.seed_everything(0)
     backbone = Backbone()
     module = GRPOModule(
-        backbone, optimizer=partial(torch.optim.SGD, lr=0.1), beta=0.04, micro_batch_size=NUM_GENERATIONS
+        backbone, optimizer=partial(torch.optim.SGD, lr=0.1), loss=GRPOLoss(beta=0.04), micro_batch_size=NUM_GENERATIONS
     )
     reference = ReferenceModelCallback()
     losses = LossRecorder()
