@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from pathvlm_lightning.backbone import sharding
+from pathvlm_lightning.backbone.decoding import Generated, decode
 from pathvlm_lightning.backbone.export import export_pretrained
 from pathvlm_lightning.backbone.families import Family, family_of
 from pathvlm_lightning.backbone.loading import Quantization, Vocab, load_model_and_processor
@@ -31,6 +32,7 @@ from pathvlm_lightning.backbone.logprobs import (
 )
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
 from pathvlm_lightning.backbone.prefix_group import grouped_hidden_states
+from pathvlm_lightning.backbone.sampling import SamplingRule
 from pathvlm_lightning.backbone.shared_prompt import (
     SharingMode,
     cached_prompt_hidden_states,
@@ -41,7 +43,6 @@ from pathvlm_lightning.backbone.sequences import (
     completion_mask,
     expand_prompt_inputs,
     mm_token_types,
-    pad_after_eos,
     replace_tokens,
 )
 
@@ -171,47 +172,72 @@ class Backbone(torch.nn.Module):
     ) -> torch.Tensor:
         """Sample ``num_generations`` completions per prompt -> ids [B*G, L], L <= max_new_tokens.
 
-        Rows ``i*G .. i*G+G-1`` answer prompt ``i``; the prompt is cut off and everything after the
-        first EOS is the pad id. Sampling is plain temperature/top-p over the full vocabulary: the
-        checkpoint's own sampling defaults (Qwen ships top_k=1, repetition_penalty 1.05) are ignored
-        so that the sampling distribution is the one ``token_logprobs`` scores. Vision ids are
-        suppressed. Runs in eval mode without gradient; the previous mode is restored. With
-        ``share_prompts`` the B prompts go in once: transformers repeats each of them after
-        encoding its images (``num_return_sequences``; one encoding per image in 5.x), and greedy
-        decoding, whose G copies are identical, decodes each prompt once and copies the result.
+        The ids of :meth:`generate_with_logprobs`; see there.
         """
-        hf_model = self.hf_model
+        return self.generate_with_logprobs(
+            prompt_inputs,
+            num_generations=num_generations,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            do_sample=do_sample,
+            min_new_tokens=min_new_tokens,
+        ).ids
+
+    def generate_with_logprobs(
+        self,
+        prompt_inputs: Mapping[str, torch.Tensor],
+        *,
+        num_generations: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        min_new_tokens: int = 0,
+    ) -> Generated:
+        """``num_generations`` completions per prompt (ids [B*G, L], L <= max_new_tokens) and the float32
+        log-probs [B*G, L] of their tokens at ``temperature``, recorded as they are drawn.
+
+        Rows ``i*G .. i*G+G-1`` answer prompt ``i``; everything after the first EOS is the pad id (log-prob
+        0). Sampling is plain temperature/top-p over the full vocabulary: the checkpoint's own sampling
+        defaults (Qwen ships top_k=1, repetition_penalty 1.05) are ignored so that the sampling
+        distribution is the one ``token_logprobs`` scores; vision ids are never chosen, nor EOS before
+        ``min_new_tokens`` (``backbone/sampling.py``, which also says why the recorded log-probs are
+        those of ``token_logprobs``, before those ids are removed). Runs in eval mode without gradient
+        (the previous mode is restored), with FSDP2 parameters gathered once for the whole call.
+
+        With ``share_prompts`` each prompt, images included, is pre-filled once and its cache repeated
+        for its G rows (``backbone/decoding.py``); greedy decoding, whose G rows are identical, decodes
+        each prompt once and copies the result. Without it each prompt is repeated G times first.
+        """
         fan_out = num_generations if self.share_prompts else 1  # copies made after the prompt goes in
         inputs = self._expand(self._on_device(prompt_inputs), num_generations // fan_out)  # [B or B*G, P]
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_return_sequences=fan_out if do_sample else 1,
+        rule = SamplingRule(
+            eos_token_ids=self.eos_token_ids,
+            suppressed_ids=self.vision_token_ids,
+            temperature=temperature,
+            top_p=top_p,
             do_sample=do_sample,
-            eos_token_id=list(self.eos_token_ids),
-            pad_token_id=self.pad_token_id,
-            suppress_tokens=list(self.vision_token_ids),
-            repetition_penalty=1.0,
-            use_cache=True,
-            **sampling,
+            min_new_tokens=min_new_tokens,
         )
         was_training = self.model.training
-        saved_config = hf_model.generation_config
         self.model.eval()
         try:
-            hf_model.generation_config = GenerationConfig(
-                eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-            )
             with torch.no_grad(), self.gathered_for_generation():
-                sequences = hf_model.generate(**inputs, generation_config=config)  # [B*G, P + L]
+                generated = decode(
+                    self.family,
+                    self.hf_model,
+                    inputs,
+                    rule,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.pad_token_id,
+                    fan_out=fan_out if do_sample else 1,
+                )  # [B*G, L] (greedy: [B or B*G, L])
         finally:
-            hf_model.generation_config = saved_config
             self.model.train(was_training)
-        completion = sequences[:, inputs["input_ids"].shape[1] :]  # [B*G, L] (greedy: [B or B*G, L])
-        if not do_sample:
-            completion = completion.repeat_interleave(fan_out, dim=0)  # [B*G, L]
-        return pad_after_eos(completion, self.eos_token_ids, self.pad_token_id)
+        if not do_sample and fan_out > 1:
+            generated = Generated(*(t.repeat_interleave(fan_out, dim=0) for t in generated))  # [B*G, L]
+        return generated
 
     def completion_mask(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [B*G, L] long, 1 up to and including the first EOS; truncated [B*G] bool)."""
