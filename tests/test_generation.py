@@ -3,6 +3,11 @@ distribution and log-probs, and the sampler-trainer agreement figure."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -17,6 +22,7 @@ from tests.test_families import _prompts, twins
 # a thousand seeds; the seeds below are fixed, so the tests are deterministic.
 CHI2_999 = {2: 13.816, 5: 20.515}
 DRAWS = 200_000
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _generate_today(backbone: Backbone, inputs: dict[str, torch.Tensor], max_new_tokens: int):
@@ -176,3 +182,47 @@ def test_sampler_kl_terms_by_hand():
     d = torch.tensor([-0.5, 0.0, -0.2], dtype=torch.float64)  # trainer - sampler on the 3 tokens
     assert tokens == 3
     torch.testing.assert_close(kl, (d.exp() - 1 - d).sum().float())
+
+
+# ---------------------------------------------------------------- FSDP2, 2 processes
+_FSDP_SAMPLING_WORKER = """
+import sys, numpy as np, torch, torch.distributed as dist
+from PIL import Image
+from torch.distributed.device_mesh import init_device_mesh
+from pathvlm_lightning.backbone import Backbone
+
+def run(rank):
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method="file://" + sys.argv[1])
+    backbone = Backbone()
+    p = backbone.processor
+    text = p.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True, tokenize=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    inputs = dict(p(images=[image, image], text=[text, "Which " + text], return_tensors="pt", padding=True))
+    torch.manual_seed(0)
+    expected = backbone.generate_with_logprobs(inputs, num_generations=4, max_new_tokens=8)
+    backbone.apply_fully_shard(init_device_mesh("cpu", (2,)))
+    torch.manual_seed(0)
+    out = backbone.generate_with_logprobs(inputs, num_generations=4, max_new_tokens=8)
+    assert torch.equal(out.ids, expected.ids), (out.ids, expected.ids)
+    torch.testing.assert_close(out.logprobs, expected.logprobs)
+    mask, _ = backbone.completion_mask(out.ids)
+    trainer = backbone.token_logprobs(inputs, out.ids, num_generations=4)  # sharded: the grouped pass
+    torch.testing.assert_close(out.logprobs * mask, trainer.detach() * mask, atol=1e-5, rtol=1e-5)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, nprocs=2)
+"""
+
+
+@pytest.mark.slow
+def test_sampling_under_fsdp2_matches_unsharded(tmp_path):
+    # The repeated cache and the sampler under FSDP2 (parameters gathered once for the call) draw the
+    # same tokens as unsharded under one seed, and their log-probs are the sharded trainer's.
+    script = tmp_path / "worker.py"
+    script.write_text(_FSDP_SAMPLING_WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "rendezvous")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

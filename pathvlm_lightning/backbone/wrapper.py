@@ -1,7 +1,7 @@
 """The vision-language backbone every module and callback goes through (any family in ``families``).
 
 ``generate`` and ``token_logprobs`` are the two hot paths of GRPO; keeping all callers on them
-means later speedups (one vision pass and one prefill per group of G) land in one place.
+means speedups (one vision pass and one prefill per group of G) land in one place.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -69,8 +70,8 @@ class Backbone(torch.nn.Module):
         gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
         share_prompts: the G completions of a prompt share its tokens and images, so ``generate``
-            encodes each image once (transformers 5.x) and ``token_logprobs`` runs each prompt once
-            for its G completions: in one process against the prompt's repeated key/value cache;
+            pre-fills each prompt (images included) once and repeats its cache for the G rows
+            (``backbone/decoding.py``) and ``token_logprobs`` runs each prompt once for its G completions: in one process against the prompt's repeated key/value cache;
             under FSDP2, activation checkpointing or for text-only prompts as one sequence
             ``[prompt, c_1, ..., c_G]`` with a block attention mask (``sdpa``/``eager``,
             ``backbone/prefix_group.py``; flash-attention takes no such mask and falls back to
@@ -159,30 +160,9 @@ class Backbone(torch.nn.Module):
             batch["mm_token_type_ids"] = self._token_types(batch["input_ids"])
         return self.hf_model(**batch)
 
-    def generate(
-        self,
-        prompt_inputs: Mapping[str, torch.Tensor],
-        *,
-        num_generations: int = 1,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        do_sample: bool = True,
-        min_new_tokens: int = 0,
-    ) -> torch.Tensor:
-        """Sample ``num_generations`` completions per prompt -> ids [B*G, L], L <= max_new_tokens.
-
-        The ids of :meth:`generate_with_logprobs`; see there.
-        """
-        return self.generate_with_logprobs(
-            prompt_inputs,
-            num_generations=num_generations,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            do_sample=do_sample,
-            min_new_tokens=min_new_tokens,
-        ).ids
+    def generate(self, prompt_inputs: Mapping[str, torch.Tensor], **options: Any) -> torch.Tensor:
+        """Completion ids [B*G, L] of :meth:`generate_with_logprobs` (same keyword arguments)."""
+        return self.generate_with_logprobs(prompt_inputs, **options).ids
 
     def generate_with_logprobs(
         self,
