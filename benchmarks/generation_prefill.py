@@ -11,7 +11,10 @@ alternate, ``--repeats`` times each; printed are the median wall and CPU seconds
 threads), their ratio, and the prompt positions each path sends through the first decoder layer
 (counted by a forward hook), against B x P. The floor is the ratio of positions through the decoder,
 ``(P + G*C) / (G*(P + C))``; decoding also reads the prompt's cache every step on both sides, which
-the floor does not count.
+the floor does not count. ``--sampler-only`` times just the draw of one token per row from
+``--sampler-rows`` x 151,936 logits: ``torch.multinomial`` over the softmax (what transformers'
+sampler does), an exponential race (``argmax(p / E)``, one float64 uniform per id) and the inverse-CDF
+draw of ``backbone/sampling.py`` (one uniform per row).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from pathvlm_lightning.backbone import Backbone
+from pathvlm_lightning.backbone.sampling import inverse_cdf_sample
 
 
 def prompts_with_images(backbone: Backbone, count: int, size: int) -> dict[str, torch.Tensor]:
@@ -76,6 +80,31 @@ def timed(run: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
+def time_samplers(rows: int, vocab: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one draw per row from [rows, vocab] logits: multinomial, exponential race, inverse CDF."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3
+
+    def race() -> torch.Tensor:
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+        return weights.div_(torch.rand(logits.shape, dtype=torch.float64).log_().neg_().float()).argmax(dim=-1)
+
+    draws = {
+        "multinomial_s": lambda: torch.multinomial(torch.softmax(logits, dim=-1), 1),
+        "race_s": race,
+        "inverse_cdf_s": lambda: inverse_cdf_sample(logits),
+    }
+    times: dict[str, list[float]] = {name: [] for name in draws}
+    for _ in range(repeats + 1):
+        for name, draw in draws.items():
+            start = time.perf_counter()
+            draw()
+            times[name].append(time.perf_counter() - start)
+    result = {name: statistics.median(t[1:]) for name, t in times.items()}
+    result["race_over_multinomial"] = result["race_s"] / result["multinomial_s"]
+    result["inverse_cdf_over_multinomial"] = result["inverse_cdf_s"] / result["multinomial_s"]
+    return {"rows": rows, "vocab": vocab, **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded-small")
@@ -87,8 +116,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", help="write the results as JSON")
+    parser.add_argument("--sampler-only", action="store_true", help="time the token draw alone")
+    parser.add_argument("--sampler-rows", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sampler_only:
+        print(json.dumps(time_samplers(args.sampler_rows, 151936, max(args.repeats, 10)), indent=2))
+        return
     g, c = args.num_generations, args.new_tokens
     backbone = Backbone(model=args.model, vocab=args.vocab, max_pixels=args.image_size**2).eval()
     prompts = prompts_with_images(backbone, args.prompts, args.image_size)

@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.decoding import decode
-from pathvlm_lightning.backbone.sampling import SamplingRule, nucleus, race_sample
+from pathvlm_lightning.backbone.sampling import SamplingRule, inverse_cdf_sample, nucleus
 from pathvlm_lightning.grpo.rollout import sampler_kl_terms
 from tests.test_families import _prompts, twins
 
@@ -88,7 +88,7 @@ def test_repeated_cache_decodes_as_separate_prompts(model):
 
 @twins
 def test_sampled_logprobs_are_the_trainers(model):
-    # Sampled tokens differ from transformers' (another draw than torch.multinomial), so what is
+    # Sampled tokens differ from transformers' (torch.multinomial uses the random stream otherwise), so what is
     # compared is each token's log-prob: the sampler's (a cached decode from one prefill) against the
     # trainer's G full copies of the prompt, in float32.
     backbone, copies = Backbone(model=model), Backbone(model=model, share_prompts=False).eval()
@@ -139,7 +139,7 @@ def _chi_square(ids: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
 
 
-def test_race_draws_from_the_softmax_at_the_temperature():
+def test_sampler_draws_from_the_softmax_at_the_temperature():
     rule = SamplingRule(eos_token_ids=(5,), temperature=0.7)
     torch.manual_seed(0)
     ids, logprobs = rule.next_tokens(LOGITS.expand(DRAWS, -1), step=0)  # [DRAWS]
@@ -154,7 +154,7 @@ def test_race_draws_from_the_softmax_at_the_temperature():
 def test_nucleus_keeps_the_most_likely_ids_up_to_top_p():
     # softmax(LOGITS) = .561 .206 .125 .076 .028 .004: ids 0-2 hold .892 >= 0.8, ids 0-1 only .767.
     torch.manual_seed(1)
-    ids = race_sample(nucleus(LOGITS.expand(DRAWS, -1), 0.8))
+    ids = inverse_cdf_sample(nucleus(LOGITS.expand(DRAWS, -1), 0.8))
     kept = torch.softmax(LOGITS, dim=-1) * torch.tensor([1, 1, 1, 0, 0, 0])
     assert _chi_square(ids, kept / kept.sum()) < CHI2_999[2]
     assert nucleus(LOGITS[None], 0.5).isfinite().sum() == 1  # the most likely id alone already holds .561
