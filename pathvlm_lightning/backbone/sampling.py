@@ -15,9 +15,9 @@ and one uniform ``u`` per row, the id is the first whose running sum of ``w`` ex
 so id ``i`` is drawn with probability ``w_i / sum(w)``: the softmax, with no normalisation pass and
 one random number per row. The running sums and ``u`` are float64, so ids of probability down to
 ~1e-15 keep their share. ``torch.multinomial`` (what transformers' sampler calls) draws from the
-same law; on 2 CPU cores it took 2-3x as long for 16 x 151,936 ids. An exponential race
+same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
 (``argmax(w / E)``, ``E ~ Exp(1)``, the Gumbel-max trick) needs a random number per id, and drawing
-151,936 of them per row cost more than the search it saves (measured, ``benchmarks/README.md``).
+151,936 of them per row made it nearly as slow as ``torch.multinomial`` (0.91x; ``benchmarks/README.md``).
 
 The recorded log-prob of the chosen id is ``log_softmax(logits / temperature)`` over the whole
 vocabulary, before steps 1-2 remove ids: exactly what ``Backbone.token_logprobs(temperature=...)``
