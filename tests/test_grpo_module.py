@@ -217,6 +217,7 @@ def test_fit_logs_every_documented_metric(full_fit: FullFit) -> None:
         "completion/truncated_frac",
         "groups/zero_variance_frac",
         "rollout/tokens_per_s",
+        "rollout/sampler_kl",
     }
     keys = full_fit.memory.keys()
     assert expected <= keys, sorted(expected - keys)
@@ -230,6 +231,13 @@ def test_fit_logs_every_documented_metric(full_fit: FullFit) -> None:
     table = events.Tensors(texts[0])[0].tensor_proto.string_val[0].decode()
     assert table.startswith("| id | reference | reward | completion |")
     assert table.count("\n| ") == 4  # header rule excluded: the first 4 completions of the step
+
+
+def test_sampler_and_trainer_agree_in_float32(full_fit: FullFit) -> None:
+    # The sampler's recorded log-probs and the trainer's first pass use the same weights: in float32
+    # on CPU they differ by rounding only (a cached decode against one full forward).
+    kl = [v for _, v in full_fit.memory.series("rollout/sampler_kl")]
+    assert len(kl) == 2 and all(0.0 <= v < 1e-6 for v in kl), kl
 
 
 def test_callback_order_does_not_change_the_run(full_fit: FullFit, tmp_path: Path) -> None:

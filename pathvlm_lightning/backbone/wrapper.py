@@ -1,7 +1,7 @@
 """The vision-language backbone every module and callback goes through (any family in ``families``).
 
 ``generate`` and ``token_logprobs`` are the two hot paths of GRPO; keeping all callers on them
-means later speedups (one vision pass and one prefill per group of G) land in one place.
+means speedups (one vision pass and one prefill per group of G) land in one place.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from pathvlm_lightning.backbone import sharding
+from pathvlm_lightning.backbone.decoding import Generated, decode
 from pathvlm_lightning.backbone.export import export_pretrained
 from pathvlm_lightning.backbone.families import Family, family_of
 from pathvlm_lightning.backbone.loading import Quantization, Vocab, load_model_and_processor
@@ -31,6 +32,7 @@ from pathvlm_lightning.backbone.logprobs import (
 )
 from pathvlm_lightning.backbone.lora import LoraOptions, apply_lora
 from pathvlm_lightning.backbone.prefix_group import grouped_hidden_states
+from pathvlm_lightning.backbone.sampling import SamplingRule
 from pathvlm_lightning.backbone.shared_prompt import (
     Sharing,
     SharingMode,
@@ -42,7 +44,6 @@ from pathvlm_lightning.backbone.sequences import (
     completion_mask,
     expand_prompt_inputs,
     mm_token_types,
-    pad_after_eos,
     replace_tokens,
 )
 
@@ -69,8 +70,8 @@ class Backbone(torch.nn.Module):
         gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
         share_prompts: the G completions of a prompt share its tokens and images, so ``generate``
-            encodes each image once (transformers 5.x) and ``token_logprobs`` runs each prompt once
-            for its G completions: in one process against the prompt's repeated key/value cache;
+            pre-fills each prompt (images included) once and repeats its cache for the G rows
+            (``backbone/decoding.py``) and ``token_logprobs`` runs each prompt once for its G completions: in one process against the prompt's repeated key/value cache;
             under FSDP2, activation checkpointing or for text-only prompts as one sequence
             ``[prompt, c_1, ..., c_G]`` with a block attention mask (``sdpa``/``eager``,
             ``backbone/prefix_group.py``; flash-attention takes no such mask and falls back to
@@ -169,7 +170,11 @@ class Backbone(torch.nn.Module):
             batch["mm_token_type_ids"] = self._token_types(batch["input_ids"])
         return self.hf_model(**batch)
 
-    def generate(
+    def generate(self, prompt_inputs: Mapping[str, torch.Tensor], **options: Any) -> torch.Tensor:
+        """Completion ids [B*G, L] of :meth:`generate_with_logprobs` (same keyword arguments)."""
+        return self.generate_with_logprobs(prompt_inputs, **options).ids
+
+    def generate_with_logprobs(
         self,
         prompt_inputs: Mapping[str, torch.Tensor],
         *,
@@ -179,50 +184,50 @@ class Backbone(torch.nn.Module):
         top_p: float = 1.0,
         do_sample: bool = True,
         min_new_tokens: int = 0,
-    ) -> torch.Tensor:
-        """Sample ``num_generations`` completions per prompt -> ids [B*G, L], L <= max_new_tokens.
+    ) -> Generated:
+        """``num_generations`` completions per prompt (ids [B*G, L], L <= max_new_tokens) and the float32
+        log-probs [B*G, L] of their tokens at ``temperature``, recorded as they are drawn.
 
-        Rows ``i*G .. i*G+G-1`` answer prompt ``i``; the prompt is cut off and everything after the
-        first EOS is the pad id. Sampling is plain temperature/top-p over the full vocabulary: the
-        checkpoint's own sampling defaults (Qwen ships top_k=1, repetition_penalty 1.05) are ignored
-        so that the sampling distribution is the one ``token_logprobs`` scores. Vision ids are
-        suppressed. Runs in eval mode without gradient; the previous mode is restored. With
-        ``share_prompts`` the B prompts go in once: transformers repeats each of them after
-        encoding its images (``num_return_sequences``; one encoding per image in 5.x), and greedy
-        decoding, whose G copies are identical, decodes each prompt once and copies the result.
+        Rows ``i*G .. i*G+G-1`` answer prompt ``i``; everything after the first EOS is the pad id (log-prob
+        0). Sampling is plain temperature/top-p over the full vocabulary: the checkpoint's own sampling
+        defaults (Qwen ships top_k=1, repetition_penalty 1.05) are ignored so that the sampling
+        distribution is the one ``token_logprobs`` scores; vision ids are never chosen, nor EOS before
+        ``min_new_tokens`` (``backbone/sampling.py``, which also says why the recorded log-probs are
+        those of ``token_logprobs``, before those ids are removed). Runs in eval mode without gradient
+        (the previous mode is restored), with FSDP2 parameters gathered once for the whole call.
+
+        With ``share_prompts`` each prompt, images included, is pre-filled once and its cache repeated
+        for its G rows (``backbone/decoding.py``); greedy decoding, whose G rows are identical, decodes
+        each prompt once and copies the result. Without it each prompt is repeated G times first.
         """
-        hf_model = self.hf_model
         fan_out = num_generations if self.share_prompts else 1  # copies made after the prompt goes in
         inputs = self._expand(self._on_device(prompt_inputs), num_generations // fan_out)  # [B or B*G, P]
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_return_sequences=fan_out if do_sample else 1,
+        rule = SamplingRule(
+            eos_token_ids=self.eos_token_ids,
+            suppressed_ids=self.vision_token_ids,
+            temperature=temperature,
+            top_p=top_p,
             do_sample=do_sample,
-            eos_token_id=list(self.eos_token_ids),
-            pad_token_id=self.pad_token_id,
-            suppress_tokens=list(self.vision_token_ids),
-            repetition_penalty=1.0,
-            use_cache=True,
-            **sampling,
+            min_new_tokens=min_new_tokens,
         )
         was_training = self.model.training
-        saved_config = hf_model.generation_config
         self.model.eval()
         try:
-            hf_model.generation_config = GenerationConfig(
-                eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-            )
             with torch.no_grad(), self.gathered_for_generation():
-                sequences = hf_model.generate(**inputs, generation_config=config)  # [B*G, P + L]
+                generated = decode(
+                    self.family,
+                    self.hf_model,
+                    inputs,
+                    rule,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.pad_token_id,
+                    fan_out=fan_out if do_sample else 1,
+                )  # [B*G, L] (greedy: [B or B*G, L])
         finally:
-            hf_model.generation_config = saved_config
             self.model.train(was_training)
-        completion = sequences[:, inputs["input_ids"].shape[1] :]  # [B*G, L] (greedy: [B or B*G, L])
-        if not do_sample:
-            completion = completion.repeat_interleave(fan_out, dim=0)  # [B*G, L]
-        return pad_after_eos(completion, self.eos_token_ids, self.pad_token_id)
+        if not do_sample and fan_out > 1:
+            generated = Generated(*(t.repeat_interleave(fan_out, dim=0) for t in generated))  # [B*G, L]
+        return generated
 
     def completion_mask(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [B*G, L] long, 1 up to and including the first EOS; truncated [B*G] bool)."""

@@ -18,7 +18,9 @@ class RolloutCallback(Callback):
 
     The GRPO module calls :meth:`generate` at the start of each training step (the chain
     rollout -> rewards -> advantages -> reference is run by the module, never by hook order).
-    Generation goes through ``Backbone.generate``, which never samples vision special tokens.
+    Generation goes through ``Backbone.generate_with_logprobs``: each prompt is pre-filled once for its
+    G completions, vision special tokens are never sampled, and the log-prob of every sampled token is
+    kept (``Rollout.sampler_logprobs``) for ``rollout/sampler_kl``.
 
     Args:
         num_generations: G, completions per prompt (the paper uses 4).
@@ -59,7 +61,7 @@ class RolloutCallback(Callback):
     def generate(self, pl_module: Any, batch: dict) -> Rollout:
         backbone = pl_module.backbone
         start = time.perf_counter()
-        completion_ids = backbone.generate(
+        generated = backbone.generate_with_logprobs(
             batch["prompt_inputs"],
             num_generations=self.num_generations,
             max_new_tokens=self.max_new_tokens,
@@ -67,8 +69,9 @@ class RolloutCallback(Callback):
             top_p=self.top_p,
             do_sample=True,
             min_new_tokens=self.min_new_tokens,
-        )  # [B*G, L]
+        )  # ids and sampler log-probs [B*G, L]
         seconds = time.perf_counter() - start
+        completion_ids = generated.ids
         mask, truncated = backbone.completion_mask(completion_ids)  # [B*G, L], [B*G]
         return Rollout(
             records=list(batch["records"]),
@@ -80,6 +83,7 @@ class RolloutCallback(Callback):
             group_size=self.num_generations,
             temperature=self.temperature,
             generation_seconds=seconds,
+            sampler_logprobs=generated.logprobs,
         )
 
     @override

@@ -26,6 +26,10 @@ class Rollout:
     group_size: int  # G
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same one
     generation_seconds: float = 0.0
+    sampler_logprobs: torch.Tensor | None = None
+    """[B*G, L] float32 log-prob of each completion token at ``temperature`` as the sampler drew it
+    (``Backbone.generate_with_logprobs``; 0 after the first EOS). Compared with the trainer's log-probs
+    of the same weights, it gives ``rollout/sampler_kl`` (:func:`sampler_kl_terms`)."""
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B*G], weighted, NaN = abstain
     advantages: torch.Tensor | None = None  # [B*G]
     old_logprobs: torch.Tensor | None = None  # [B*G, L] policy at sampling time (num_iterations > 1)
@@ -75,6 +79,7 @@ class Rollout:
             group_size=self.group_size,
             temperature=self.temperature,
             generation_seconds=self.generation_seconds,
+            sampler_logprobs=take(self.sampler_logprobs),
             rewards={name: take(r) for name, r in self.rewards.items()},
             advantages=take(self.advantages),
             old_logprobs=take(self.old_logprobs),
@@ -123,3 +128,19 @@ def select_prompts(prompt_inputs: dict[str, torch.Tensor], keep: torch.Tensor) -
         out["pixel_values"] = torch.cat([b for b, k in zip(blocks, keep.tolist()) if k])
         out["image_grid_thw"] = grid[keep.to(grid.device)]
     return out
+
+
+def sampler_kl_terms(
+    sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over completion tokens of the k3 estimate of KL(sampler || trainer), number of tokens).
+
+    All [N, L]: the sampled tokens' log-probs as the sampler drew them and as the trainer computes
+    them (same weights, same temperature), and the completion mask. Per token, with
+    ``d = logp_trainer - logp_sampler``, ``k3 = exp(d) - 1 - d``: non-negative, and its mean over tokens
+    drawn from the sampler estimates KL(sampler || trainer) without the vocabulary (only the sampled
+    token's log-prob is needed). Sum and count, so micro-batches and ranks add up before dividing.
+    """
+    diff = (trainer_logprobs.detach().double() - sampler_logprobs.double()).masked_fill(mask == 0, 0.0)  # [N, L]
+    k3 = torch.expm1(diff) - diff  # [N, L] float64 (a difference of 1e-7 gives k3 = 5e-15), 0 where masked
+    return k3.sum().float(), mask.sum().float()

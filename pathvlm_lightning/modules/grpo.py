@@ -13,7 +13,7 @@ from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone
 from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
 from pathvlm_lightning.grpo.advantages import group_advantages, zero_variance_groups
 from pathvlm_lightning.grpo.losses import GRPOLoss, LossStats, PolicyLoss, StepTotals, sum_stats
-from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.rollout import Rollout, sampler_kl_terms
 from pathvlm_lightning.modules.base import BackboneModule
 from pathvlm_lightning.modules.evaluation import GenerationEvaluation
 
@@ -42,6 +42,13 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     optimizer is stepped with every gradient set to None, which torch's optimizers skip), so
     ``max_steps`` bounds the rollouts and a run whose rewards never spread still ends.
     ``groups/skipped_steps`` counts them over the run.
+
+    ``rollout/sampler_kl`` is the agreement of sampler and trainer: the mean over completion tokens of
+    the k3 estimate of KL(sampler || trainer) between the log-probs the sampler recorded while drawing
+    each token and the first iteration's policy log-probs, computed with the same weights before the
+    optimizer step (``grpo.rollout.sampler_kl_terms``). ~0 in float32; in bf16 on GPU it measures how
+    far the rollout is off-policy by numerics alone. Train-mode dropout (e.g. LoRA dropout) in the
+    trainer's pass counts too. Not logged on skipped steps (no forward is run).
 
     Args:
         backbone: the policy (starts from the SFT stage's exported folder).
@@ -183,6 +190,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         num_tokens = self._dapo_num_tokens(train_rollout.completion_mask) if global_count else None
         totals = StepTotals.of(train_rollout.completion_mask)  # the whole step's normalisers
         parts = train_rollout.group_slices(self.micro_batch_size)
+        agreement: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k3 sum, tokens) per micro-batch
         for iteration in range(self.hparams.num_iterations):
             optimizer.zero_grad()
             losses, stats = [], []
@@ -195,6 +203,8 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                     stats.append(part_stats)
                     if iteration == 0 and self.hparams.num_iterations > 1:
                         part.old_logprobs = logprobs
+                    if iteration == 0 and part.sampler_logprobs is not None:  # the weights that sampled
+                        agreement.append(sampler_kl_terms(part.sampler_logprobs, logprobs, part.completion_mask))
             if self.hparams.max_grad_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.parameters() if p.requires_grad], self.hparams.max_grad_norm
@@ -204,6 +214,9 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             if scheduler is not None:
                 scheduler.step()
             self._log_loss(sum(losses), sum_stats(stats))
+            if iteration == 0 and agreement:
+                kl_sum, tokens = (sum(t) for t in zip(*agreement))
+                self.log("rollout/sampler_kl", kl_sum / tokens.clamp(min=1), batch_size=1, sync_dist=True)
 
     def _accumulate(
         self, part: Rollout, num_tokens: float | None, totals: StepTotals

@@ -91,6 +91,11 @@ class Family(ABC):
         """Repeat every layer's cached state G times along the batch, in place ([B, ...] -> [B*G, ...])."""
         cache.batch_repeat_interleave(num_generations)
 
+    def repeat_cache_for_decoding(self, cache: Cache, num_generations: int) -> None:
+        """Repeat every layer's cached state G times along the batch, in place, for token-by-token
+        decoding without gradient (each row's state then keeps growing on its own)."""
+        cache.batch_repeat_interleave(num_generations)
+
     def continuation_positions(
         self, model: PreTrainedModel, text_positions: torch.Tensor, num_generations: int
     ) -> torch.Tensor:

@@ -77,6 +77,12 @@ class Qwen3_5(Family):
                 layer.record_past = True
                 layer.update_recurrent_state = _returned_not_stored
 
+    def repeat_cache_for_decoding(self, cache: Cache, num_generations: int) -> None:
+        """Select every layer's rows G times (``reorder_cache``: ``batch_repeat_interleave`` skips the
+        linear-attention layers); decoding then updates each row's state in place, as generate does."""
+        rows = next(layer.keys.shape[0] for layer in cache.layers if getattr(layer, "keys", None) is not None)
+        cache.reorder_cache(torch.arange(rows).repeat_interleave(num_generations))  # [B] -> [B*G] rows
+
     def twin_config(self, tokenizer: Any, size: TwinSize, vocab_size: int) -> PretrainedConfig:
         ids = special_ids(tokenizer)
         head_dim = 2 * size.hidden // size.heads  # Qwen3.5 attention heads are wider than hidden / heads

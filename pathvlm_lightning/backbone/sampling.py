@@ -1,0 +1,111 @@
+"""One decoding step's choice of the next token from the model's logits, and its log-prob.
+
+``Backbone.generate`` decodes with its own loop (``backbone/decoding.py``) so that a prompt is
+pre-filled once for its G completions and so that each sampled token's log-prob is recorded as it is
+drawn. This module holds the per-step rule that loop applies, the one transformers' ``generate``
+applies with ``suppress_tokens``, ``min_new_tokens``, ``temperature`` and ``top_p`` (``top_k`` off):
+
+1. vision ids are never chosen, nor an end-of-sequence id before ``min_new_tokens`` tokens;
+2. sampling divides the logits by the temperature and keeps the smallest set of most likely ids
+   whose probability reaches ``top_p`` (nucleus; the most likely id always stays);
+3. greedy takes the arg-max of step 1's logits (ties: the lowest id, as ``torch.argmax``).
+
+Sampling inverts the cumulative distribution: with ``w = exp(logits - max)`` (0 for removed ids)
+and one uniform ``u`` per row, the id is the first whose running sum of ``w`` exceeds ``u * sum(w)``,
+so id ``i`` is drawn with probability ``w_i / sum(w)``: the softmax, with no normalisation pass and
+one random number per row. The running sums and ``u`` are float64, so ids of probability down to
+~1e-15 keep their share. ``torch.multinomial`` (what transformers' sampler calls) draws from the
+same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
+(``argmax(w / E)``, ``E ~ Exp(1)``, the Gumbel-max trick) needs a random number per id, and drawing
+151,936 of them per row made it nearly as slow as ``torch.multinomial`` (0.91x; ``benchmarks/README.md``).
+
+The recorded log-prob of the chosen id is ``log_softmax(logits / temperature)`` over the whole
+vocabulary, before steps 1-2 remove ids: exactly what ``Backbone.token_logprobs(temperature=...)``
+computes for the trainer, so the two differ only by floating-point rounding and the kernels used
+(``rollout/sampler_kl``). The ids removed by steps 1-2 are a deliberate choice of the sampler, not a
+disagreement between sampler and trainer, and would make that figure non-zero in exact arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingRule:
+    """How the next token is chosen (see the module docstring).
+
+    Args:
+        temperature: logits are divided by it, for sampling and for the recorded log-probs.
+        top_p: nucleus mass in (0, 1]; 1 keeps every id.
+        do_sample: ``False`` is greedy.
+        min_new_tokens: end-of-sequence ids are removed before this many tokens are generated.
+        eos_token_ids: ids that end a completion.
+        suppressed_ids: ids never chosen (vision slots).
+    """
+
+    eos_token_ids: tuple[int, ...]
+    suppressed_ids: tuple[int, ...] = ()
+    temperature: float = 1.0
+    top_p: float = 1.0
+    do_sample: bool = True
+    min_new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingRule: temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingRule: top_p must be in (0, 1], got {self.top_p!r}")
+
+    def next_tokens(self, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N] long, float32 log-probs [N] of those ids at the temperature) from logits [N, V].
+
+        ``step`` is the number of tokens already generated (for ``min_new_tokens``). Draws from the
+        torch generator of the logits' device.
+        """
+        scaled = logits.float() / self.temperature  # [N, V] float32, a fresh tensor
+        log_norm = torch.logsumexp(scaled, dim=-1)  # [N]
+        allowed = self._allowed(scaled, step)  # [N, V], removed ids at -inf
+        if self.do_sample:
+            tokens = inverse_cdf_sample(nucleus(allowed, self.top_p) if self.top_p < 1 else allowed)
+        else:
+            tokens = allowed.argmax(dim=-1)  # [N]
+        picked = scaled.gather(1, tokens[:, None]).squeeze(1) - log_norm  # [N]
+        return tokens, picked
+
+    def _allowed(self, scaled: torch.Tensor, step: int) -> torch.Tensor:
+        """``scaled`` [N, V] with suppressed ids (and eos before ``min_new_tokens``) at -inf; a copy."""
+        removed = list(self.suppressed_ids)
+        if step < self.min_new_tokens:
+            removed += list(self.eos_token_ids)
+        if not removed:
+            return scaled
+        allowed = scaled.clone()
+        allowed[:, torch.tensor(removed, device=scaled.device)] = -torch.inf
+        return allowed
+
+
+def inverse_cdf_sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row [N] drawn with probability ``softmax(logits)`` from logits [N, V] (-inf: never).
+
+    The first id whose float64 running sum of ``exp(logits - max)`` exceeds ``u * total``, ``u`` uniform
+    in [0, 1) (float64).
+    """
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # [N, V] unnormalised probabilities
+    running = weights.cumsum(dim=-1, dtype=torch.float64)  # [N, V]
+    uniform = torch.rand((logits.shape[0], 1), dtype=torch.float64, device=logits.device, generator=generator)
+    ids = torch.searchsorted(running, uniform * running[:, -1:], right=True).squeeze(1)  # [N]
+    return ids.clamp_(max=logits.shape[-1] - 1)  # u * total rounded up to total (p ~ 1e-16): the last id
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits`` [N, V] with -inf outside each row's nucleus: the most likely ids whose probability
+    sums to at least ``top_p`` (ids are dropped from the least likely up while the dropped mass stays
+    at most ``1 - top_p``; the most likely id always stays). A new tensor."""
+    ascending, order = logits.sort(dim=-1)  # [N, V]
+    dropped_mass = ascending.softmax(dim=-1).cumsum(dim=-1)  # [N, V] mass of this id and all less likely
+    drop = dropped_mass <= 1 - top_p
+    drop[:, -1] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -torch.inf)  # back to id order
