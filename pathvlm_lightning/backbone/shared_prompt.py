@@ -14,13 +14,15 @@ arrive once, summed over its G completions, which is the sum the copies would pr
   (which drops caches in a training forward) and for image prompts (it continues positions by the
   prompt's rope delta).
 - ``grouped`` (``backbone/prefix_group.py``): one sequence per prompt, ``[prompt, c_1, ..., c_G]``,
-  with a block attention mask, in one ordinary forward. Needs an attention backend that takes a
-  4-D mask (``sdpa``, ``eager``); works sharded (FSDP2), under activation checkpointing and for
-  text-only prompts. Its attention runs over the whole [S, S] grouped sequence (S = P + G x (L-1)),
-  most of it masked, where ``cache`` attends over [L-1, P+L-1] per completion: on the embedded
-  small model (``benchmarks/prefix_vs_copies.py``) the two take the same time at 64 completion
-  tokens (grouped with 12-15 % less memory) and grouped takes 1.2-1.5x the time of ``cache`` at
-  256, so ``cache`` is chosen wherever it can run.
+  in one ordinary forward whose attention (``backbone/grouped_attention.py``) runs the prompt's
+  self-attention once and each completion over [prompt keys/values, its own], two SDPA calls per
+  prompt and no [S, S] tensor (S = P + G x (L-1)). Needs the model loaded with ``sdpa`` or
+  ``eager`` (the grouped attention itself is SDPA); works sharded (FSDP2), under activation
+  checkpointing and for text-only prompts. Measured at a 7B attention geometry
+  (``benchmarks/prefix_vs_copies.py --paper-shape``, P = 1,301, G = 8, CPU): at 1,024 completion
+  tokens ``cache`` took 0.92x grouped's time, at 256 grouped took 0.70x ``cache``'s. ``cache`` is
+  still chosen wherever it can run (one process, no checkpointing); which one wins at short
+  completions on a GPU is not measured yet.
 - ``images`` (:func:`expanded_image_features`): only the images are encoded once, their features
   handed to the G copies (``mm_encoder_outputs``, transformers 5.2x only); the prompt tokens still
   run G times. For flash-attention under activation checkpointing.
@@ -30,7 +32,7 @@ A mode slower than the configuration's fast one comes with its reason and cost
 (:attr:`Sharing.fallback`), which ``Backbone.sharing_mode`` says once at WARNING.
 
 What differs between families (repeating the cache, DeepStack features, positions after the
-images, whether a block mask can keep completions apart) is asked of the model's
+images, whether the grouped attention can keep completions apart) is asked of the model's
 :class:`~pathvlm_lightning.backbone.families.Family`.
 """
 

@@ -71,11 +71,12 @@ class Backbone(torch.nn.Module):
         min_pixels, max_pixels: image resize bounds; tokens per image = pixels / (28 * 28).
         share_prompts: the G completions of a prompt share its tokens and images, so ``generate``
             pre-fills each prompt (images included) once and repeats its cache for the G rows
-            (``backbone/decoding.py``) and ``token_logprobs`` runs each prompt once for its G completions: in one process against the prompt's repeated key/value cache;
-            under FSDP2, activation checkpointing or for text-only prompts as one sequence
-            ``[prompt, c_1, ..., c_G]`` with a block attention mask (``sdpa``/``eager``,
-            ``backbone/prefix_group.py``; flash-attention takes no such mask and falls back to
-            encoding the images once, or to copies). See ``backbone/shared_prompt.py`` and
+            (``backbone/decoding.py``) and ``token_logprobs`` runs each prompt once for its G
+            completions: in one process against the prompt's repeated key/value cache; under
+            FSDP2, activation checkpointing or for text-only prompts as one sequence
+            ``[prompt, c_1, ..., c_G]`` whose attention runs the prompt once and each completion
+            over [prompt, own past] (``sdpa``/``eager``, ``backbone/prefix_group.py``; a model
+            loaded with flash-attention falls back to encoding the images once, or to copies). See ``backbone/shared_prompt.py`` and
             :meth:`sharing_mode`. Results equal G separate copies up to float rounding; ``False``
             always runs G copies.
         logprob_chunk_size: (completion, position) pairs whose vocabulary logits ``token_logprobs``

@@ -51,7 +51,7 @@ class Family(ABC):
     image_mean: ClassVar[tuple[float, float, float]] = (0.48145466, 0.4578275, 0.40821073)
     image_std: ClassVar[tuple[float, float, float]] = (0.26862954, 0.26130258, 0.27577711)
     groups_prompts: ClassVar[bool] = True
-    """Whether a block attention mask keeps G completions apart in one grouped sequence
+    """Whether the grouped attention keeps G completions apart in one grouped sequence
     (``backbone/prefix_group.py``); false where some layers do not attend (linear attention)."""
 
     # ------------------------------------------------------------------ where things live
