@@ -69,3 +69,20 @@ def configure_logging(level: str | None = None) -> None:
         project.setLevel(level)
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning's rank-zero INFO lines are mostly noise ("GPU available", tips), but the lines that
+    # say which checkpoint a run restored are what a user resuming after a crash needs to see.
+    rank_zero = logging.getLogger(_LIGHTNING_RANK_ZERO)
+    rank_zero.setLevel(logging.INFO)
+    if not any(isinstance(f, _RestoreLinesOnly) for f in rank_zero.filters):
+        rank_zero.addFilter(_RestoreLinesOnly())
+
+
+_LIGHTNING_RANK_ZERO = "lightning.pytorch.utilities.rank_zero"
+_RESTORE_PREFIXES = ("Restoring states from", "Restored all states from", "Loaded model weights from")
+
+
+class _RestoreLinesOnly(logging.Filter):
+    """Lets Lightning's rank-zero warnings through, and of its INFO lines only those about restoring."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or str(record.msg).startswith(_RESTORE_PREFIXES)

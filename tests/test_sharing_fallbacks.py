@@ -200,3 +200,19 @@ def test_log_level_flag_and_project_logging():
         assert logging.getLogger("lightning.pytorch").level == logging.WARNING
     finally:
         logs.configure_logging("INFO")
+
+
+def test_lightning_says_which_checkpoint_it_restored_and_nothing_else_at_info(caplog):
+    # Lightning's rank-zero INFO lines are held back, except the ones that name a restored checkpoint:
+    # a user resuming after a crash must see which one the run continued from.
+    logs.configure_logging("INFO")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero.setLevel(logging.INFO)  # caplog.at_level resets it; configure_logging's level
+        rank_zero.info("GPU available: False, used: False")
+        rank_zero.info("Restored all states from the checkpoint at runs/x/checkpoints/last.ckpt")
+        rank_zero.warning("The dataloader does not have many workers")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Restored all states from the checkpoint at runs/x/checkpoints/last.ckpt",
+        "The dataloader does not have many workers",
+    ]
