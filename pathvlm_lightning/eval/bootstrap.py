@@ -77,17 +77,7 @@ def paired_difference(
     >>> round(d.estimate, 4), d.a_only, d.b_only
     (0.3333, 1, 0)
     """
-    if not a and not b:
-        raise ValueError("paired_difference: both sides are empty; nothing to compare")
-    only_a = sorted(set(a) - set(b))
-    only_b = sorted(set(b) - set(a))
-    if only_a or only_b:
-        raise ValueError(
-            "paired_difference: the two sides must answer the same items, but "
-            f"{len(only_a)} id(s) are only in a (e.g. {only_a[:5]}) and "
-            f"{len(only_b)} id(s) are only in b (e.g. {only_b[:5]})"
-        )
-    ids = sorted(a)
+    ids = _same_ids(a, b, "paired_difference")
     right_a = _as_binary([a[i] for i in ids], "paired_difference (a)")
     right_b = _as_binary([b[i] for i in ids], "paired_difference (b)")
     per_item = right_a - right_b  # [N] in {-1, 0, 1}: resampling it resamples both sides together
@@ -118,17 +108,27 @@ def paired_mean_difference(
     >>> round(d.estimate, 4), d.num_items
     (0.3333, 3)
     """
-    if set(a) != set(b) or not a:
-        raise ValueError(
-            f"paired_mean_difference: the two sides must hold the same, non-empty ids ({len(a)} and {len(b)} ids, "
-            f"{len(set(a) ^ set(b))} on one side only)"
-        )
-    ids = sorted(a)
+    ids = _same_ids(a, b, "paired_mean_difference")
     per_item = np.asarray([float(a[i]) - float(b[i]) for i in ids], dtype=np.float64)  # [N]
     if not np.isfinite(per_item).all():
         raise ValueError("paired_mean_difference: values must be finite")
     low, high = _percentile_interval(per_item, num_resamples=num_resamples, level=level, seed=seed)
     return Interval(estimate=float(per_item.mean()), low=low, high=high, num_items=len(ids))
+
+
+def _same_ids(a: Mapping[str, object], b: Mapping[str, object], caller: str) -> list[str]:
+    """The ids both sides answer, sorted; an error naming the ids only one side has."""
+    if not a and not b:
+        raise ValueError(f"{caller}: both sides are empty; nothing to compare")
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise ValueError(
+            f"{caller}: the two sides must answer the same items, but "
+            f"{len(only_a)} id(s) are only in a (e.g. {only_a[:5]}) and "
+            f"{len(only_b)} id(s) are only in b (e.g. {only_b[:5]})"
+        )
+    return sorted(a)
 
 
 def _as_binary(values: Sequence[bool], caller: str) -> np.ndarray:
