@@ -398,6 +398,13 @@ def sharded_grouped_logprobs(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     backbone = Backbone(freeze_vision=False, gradient_checkpointing=True)
+    score_prefix_case_sharded(backbone, rank, world, out_dir / "prefix.pt")
+    dist.destroy_process_group()
+
+
+def score_prefix_case_sharded(backbone: Backbone, rank: int, world: int, out_path: Path) -> None:
+    """Shards ``backbone`` (FSDP2), scores this rank's share of :func:`prefix_case`'s prompts and has
+    rank 0 write every rank's log-probs (prompt order), rank 0's gradients and the modes to ``out_path``."""
     backbone.apply_fully_shard(init_device_mesh("cpu", (world,)))
     share = len(PREFIX_QUESTIONS) // world
     inputs, completions = prefix_case(backbone.processor, slice(rank * share, (rank + 1) * share))
@@ -407,9 +414,8 @@ def sharded_grouped_logprobs(out_dir: Path) -> None:
     if rank == 0:
         logps = torch.cat([g["logps"] for g in gathered])  # [4*G, L]: rank order is prompt order
         modes = [g["mode"] for g in gathered]
-        torch.save({"logps": logps, "grads": result["grads"], "modes": modes}, out_dir / "prefix.pt")
+        torch.save({"logps": logps, "grads": result["grads"], "modes": modes}, out_path)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def main(out_dir: Path, data_dir: Path, device: str = "cpu") -> None:
