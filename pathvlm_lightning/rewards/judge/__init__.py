@@ -16,7 +16,7 @@ from pathvlm_lightning.rewards.judge.parse import (
     fallback_scores,
     parse_reply,
 )
-from pathvlm_lightning.rewards.judge.request import RUBRIC, RUBRIC_VERSION, JudgeItem, build_messages
+from pathvlm_lightning.rewards.judge.request import RUBRIC, RUBRIC_VERSION, JudgeItem, build_judge_messages
 
 __all__ = [
     "FAULTS",
@@ -32,7 +32,7 @@ __all__ = [
     "JudgeResult",
     "JudgeScores",
     "UnparseableReply",
-    "build_messages",
+    "build_judge_messages",
     "cache_key",
     "fallback_scores",
     "parse_reply",
