@@ -83,8 +83,8 @@ class RewardCallback(Callback):
             value = self.score_completion(completion, samples.record_of(i))
             if not isinstance(value, numbers.Real):
                 raise TypeError(
-                    f"{self._who()}: the score {value!r} ({type(value).__name__}) of completion {i} "
-                    f"(record {samples.record_of(i).id!r}) is not a number; a score is a float (NaN to abstain)"
+                    f"{self._who()}: score_completion returned {value!r} ({type(value).__name__}) for completion {i} "
+                    f"(record {samples.record_of(i).id!r}); a score is a float (NaN to abstain)"
                 )
             values.append(float(value))
         return torch.tensor(values, dtype=torch.float32)

@@ -1,7 +1,7 @@
 """Group-relative advantages: how much better each completion did than its siblings.
 
 Completions arrive flat, ``[B*G]``, with completion ``i`` answering prompt ``i // G`` (the
-:class:`~pathvlm_lightning.grpo.rollout.Rollout` layout). A NaN reward means every reward callback
+:class:`~pathvlm_lightning.grpo.stages.Samples` layout). A NaN reward means every reward callback
 abstained on that completion: it is left out of its group's mean and standard deviation and gets
 advantage 0, so it neither pushes nor pulls the policy.
 

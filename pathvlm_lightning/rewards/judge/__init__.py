@@ -1,6 +1,6 @@
 """The cross-modal process reward's judge: request building, reply parsing, cache and client.
 
-Free of Lightning; :mod:`pathvlm_lightning.callbacks.process_reward` adapts it to training.
+Free of Lightning; :mod:`pathvlm_lightning.callbacks.rewards` (``ProcessReward``) adapts it to training.
 """
 
 from pathvlm_lightning.rewards.judge.attempt import retry_after_seconds
