@@ -36,7 +36,7 @@ from typing_extensions import override
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.rewards.accuracy import accuracy_reward
-from pathvlm_lightning.rewards.completion import ParsedCompletion
+from pathvlm_lightning.rewards.completion import ParsedCompletion, parse_completion
 from pathvlm_lightning.rewards.format import format_reward
 from pathvlm_lightning.rewards.judge.background import BackgroundLoop
 from pathvlm_lightning.rewards.judge.client import JudgeAuthError, JudgeClient
@@ -116,10 +116,16 @@ class RewardCallback(Callback):
     def score_completion(self, completion: ParsedCompletion, record: VQARecord) -> float:
         """The score of one completion, read through its parse (its ``reasoning``, ``answer``,
         ``well_formed`` and ``text``); default: :meth:`score_text` of its text."""
+        if type(self).score_text is RewardCallback.score_text:
+            raise NotImplementedError(f"{type(self).__name__} must implement score_completion, score_text or score")
         return self.score_text(completion.text, record)
 
     def score_text(self, completion: str, record: VQARecord) -> float:
-        raise NotImplementedError(f"{type(self).__name__} must implement score_completion, score_text or score")
+        """The score of one completion's text; default: :meth:`score_completion` of its parse (for
+        scripts and tests: the step passes the rollout's parse to ``score_completion``)."""
+        if type(self).score_completion is RewardCallback.score_completion:
+            raise NotImplementedError(f"{type(self).__name__} must implement score_completion, score_text or score")
+        return self.score_completion(parse_completion(completion, record.options), record)
 
     def _who(self) -> str:
         return f"reward {self.name!r} ({type(self).__name__})"
