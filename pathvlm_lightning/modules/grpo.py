@@ -30,9 +30,11 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     detached current ones and no extra forward is spent, with more the first pass's detached
     log-probs serve as the old policy's.
 
-    With ``micro_batch_size`` the policy and reference passes run over slices of whole groups (a
-    group's prompt stays in one pass) and gradients accumulate over the slices before the one
-    optimizer step; every loss normaliser (completions, tokens, dapo's global count) is counted over
+    The step's data moves through frozen stages (``grpo/stages.py``): ``Samples`` (each completion
+    parsed once) -> ``MicroBatch`` slices -> ``Scored``. With ``micro_batch_size`` the policy and
+    reference passes run over the same slices of whole groups, cut once per step (a group's prompt
+    stays in one pass; with ``drop_zero_variance_groups`` the kept groups are cut again for the
+    policy), and gradients accumulate over the slices before the one optimizer step; every loss normaliser (completions, tokens, dapo's global count) is counted over
     the whole step, so loss, statistics and gradient equal the full batch's (``grpo/losses/base.py``).
 
     A step where every group of every rank has zero-variance rewards (all advantages 0) teaches
