@@ -34,8 +34,9 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     parsed once) -> ``MicroBatch`` slices -> ``Scored``. With ``micro_batch_size`` the policy and
     reference passes run over the same slices of whole groups, cut once per step (a group's prompt
     stays in one pass; with ``drop_zero_variance_groups`` the kept groups are cut again for the
-    policy), and gradients accumulate over the slices before the one optimizer step; every loss normaliser (completions, tokens, dapo's global count) is counted over
-    the whole step, so loss, statistics and gradient equal the full batch's (``grpo/losses/base.py``).
+    policy), and gradients accumulate over the slices before the one optimizer step; every loss
+    normaliser (completions, tokens, dapo's global count) is counted over the whole step, so loss,
+    statistics and gradient equal the full batch's (``grpo/losses/base.py``).
 
     A step where every group of every rank has zero-variance rewards (all advantages 0) teaches
     nothing: it is skipped (no forward/backward, no scheduler step, weights and optimizer state
