@@ -47,8 +47,9 @@ from pathvlm_lightning.rewards.rubric import rubric_scores
 
 class RewardCallback(Callback):
     """Scores completions. Subclasses implement ``score_completion`` (pure, per parsed completion),
-    ``score_text`` (pure, per completion text) or override ``score`` (the whole step's samples). A NaN score means "abstain": the completion is ignored by this reward
-    when advantages are computed. The module calls :meth:`checked_score`, so a score of another
+    ``score_text`` (pure, per completion text) or override ``score`` (the whole step's samples).
+    A NaN score means "abstain": the completion is ignored by this reward when advantages are
+    computed. The module calls :meth:`checked_score`, so a score of another
     shape, or an infinite one, stops the run with an error that names the reward.
 
     Args:

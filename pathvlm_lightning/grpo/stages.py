@@ -127,7 +127,8 @@ class Samples:
         for start in range(0, self.num_prompts, groups):
             keep = torch.zeros(self.num_prompts, dtype=torch.bool)
             keep[start : start + groups] = True
-            slices.append(self._micro_batch(start, min(start + groups, self.num_prompts), select_prompts(self.prompt_inputs, keep)))
+            stop = min(start + groups, self.num_prompts)
+            slices.append(self._micro_batch(start, stop, select_prompts(self.prompt_inputs, keep)))
         return tuple(slices)
 
     def _micro_batch(self, first: int, stop: int, prompt_inputs: Mapping[str, torch.Tensor]) -> MicroBatch:

@@ -208,7 +208,9 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                 for index, part in enumerate(parts):
                     last = index == len(parts) - 1  # DDP all-reduces the summed gradients once, after it
                     with nullcontext() if last else self._no_gradient_sync():
-                        loss, part_stats, logprobs = self._accumulate(part, trained, old_logprobs[index], num_tokens, totals)
+                        loss, part_stats, logprobs = self._accumulate(
+                            part, trained, old_logprobs[index], num_tokens, totals
+                        )
                     losses.append(loss)
                     stats.append(part_stats)
                     if iteration == 0 and self.hparams.num_iterations > 1:

@@ -70,7 +70,9 @@ def as_parsed(completion: str | ParsedCompletion, options: Mapping[str, str]) ->
     return completion if isinstance(completion, ParsedCompletion) else parse_completion(completion, options)
 
 
-def parse_completions(texts: Sequence[str], options: Sequence[Mapping[str, str]], group_size: int) -> tuple[ParsedCompletion, ...]:
+def parse_completions(
+    texts: Sequence[str], options: Sequence[Mapping[str, str]], group_size: int
+) -> tuple[ParsedCompletion, ...]:
     """The parse of each of B*G completions; completion ``i`` answers the question ``i // group_size``,
     whose options are ``options[i // group_size]``."""
     if len(texts) != len(options) * group_size:
