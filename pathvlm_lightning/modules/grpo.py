@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone
 from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
-from pathvlm_lightning.grpo.advantages import finite_std, group_advantages, zero_variance_groups
+from pathvlm_lightning.grpo.advantages import finite_std, global_finite_std, group_advantages, zero_variance_groups
 from pathvlm_lightning.grpo.losses import GRPOLoss, LossStats, PolicyLoss, StepTotals, sum_stats
 from pathvlm_lightning.grpo.stages import MicroBatch, Samples, Scored, sampler_kl_terms, total_reward
 from pathvlm_lightning.modules.base import BackboneModule
@@ -151,7 +151,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         rewards = {reward.name: scores[reward.name] * reward.weight for reward in chain.rewards}  # [B*G] each
         total = total_reward(rewards)  # [B*G]
         scale = self.hparams.scale_rewards
-        batch_std = self._global_reward_std(total) if scale == "batch" else None
+        batch_std = global_finite_std(total, self.trainer.strategy.reduce) if scale == "batch" else None
         scored = Scored(
             samples=samples,
             scores=scores,
@@ -161,21 +161,6 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             ref_logprobs=ref_logprobs,
         )
         return scored, slices
-
-    def _global_reward_std(self, total: torch.Tensor) -> torch.Tensor:
-        """Unbiased std of the finite rewards [B*G] of every data-parallel rank (two all-reduces).
-
-        Two passes (global mean, then global sum of squared deviations) in float64, so one process
-        gets ``torch.std`` up to rounding and ranks with different reward counts are weighed right.
-        """
-        finite = total[torch.isfinite(total)].to(torch.float64)  # [n] on this rank
-        reduce = self.trainer.strategy.reduce
-        moments = torch.stack([finite.new_tensor(float(finite.numel())), finite.sum()])  # [2]: count, sum
-        count, summed = reduce(moments, reduce_op="sum").tolist()
-        if count < 2:
-            return total.new_zeros(())
-        squares = reduce(((finite - summed / count) ** 2).sum(), reduce_op="sum")  # []
-        return torch.sqrt(squares / (count - 1)).to(total.dtype)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         scored, slices = self.make_rollout(batch)
