@@ -43,7 +43,7 @@ def accuracy_score(completions: list, answer: list[str], options: list[str], **_
 
 
 def _row(record: VQARecord) -> dict[str, Any]:
-    """Our prompt text as one user turn; TRL puts the image before the text, as ``build_messages`` does."""
+    """Our prompt text as one user turn; TRL puts the image before the text, as ``build_prompt_messages`` does."""
     with Image.open(record.image) as image:
         rgb = image.convert("RGB")
     return {

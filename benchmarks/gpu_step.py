@@ -83,7 +83,8 @@ from _settings import read_records  # noqa: E402
 from grpo_vs_trl import make_records  # noqa: E402
 
 from pathvlm_lightning.backbone import Backbone, LoraOptions  # noqa: E402
-from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, build_tiny_config, build_tiny_processor  # noqa: E402
+from pathvlm_lightning.backbone.families.qwen import QWEN_SPECIAL_TOKENS  # noqa: E402
+from pathvlm_lightning.backbone.tiny import build_tiny_config, build_tiny_processor  # noqa: E402
 from pathvlm_lightning.backbone.vocab import build_processor, qwen2_5_vl_spec  # noqa: E402
 from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceModelCallback, RolloutCallback  # noqa: E402
 from pathvlm_lightning.data.collate import PromptCollator  # noqa: E402

@@ -1,4 +1,9 @@
-"""Your own rewards: drop a ``RewardCallback`` subclass in this folder and name it in a config's
-``trainer.callbacks`` by ``class_path`` (e.g. ``callbacks.conciseness.ConcisenessReward``), running
-from the repository root. ``conciseness.py`` is a complete example.
+"""Your own rewards: the home of user examples, apart from the packaged ones.
+
+The package's rewards have one home each: pure scoring functions in ``pathvlm_lightning/rewards/``,
+their callbacks (and the ``RewardCallback`` base class) in ``pathvlm_lightning/callbacks/rewards.py``.
+Drop a ``RewardCallback`` subclass in this folder and list it among a GRPO config's rewards by
+``class_path`` (e.g. ``callbacks.conciseness.ConcisenessReward``), running from the repository root.
+``conciseness.py`` is a complete example: it reads each completion's parse (reasoning, answer,
+layout), never the raw text with its own rules.
 """

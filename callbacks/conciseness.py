@@ -16,13 +16,14 @@ from collections.abc import Mapping
 
 from typing_extensions import override
 
-from pathvlm_lightning.callbacks.reward import RewardCallback
+from pathvlm_lightning.callbacks.rewards import RewardCallback
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.rewards.accuracy import accuracy_reward
+from pathvlm_lightning.rewards.completion import ParsedCompletion, as_parsed
 
 
 def conciseness_score(
-    completion: str,
+    completion: str | ParsedCompletion,
     answer: str,
     options: Mapping[str, str],
     target_words: int = 60,
@@ -31,6 +32,7 @@ def conciseness_score(
     """0 for an incorrect answer (see ``accuracy_reward``); for a correct one, 1.0 up to
     ``target_words`` words in the whole completion, falling linearly to 0.0 at ``max_words``.
     Words of the whole output count, tags included, so reasoning cannot hide outside ``<think>``.
+    ``completion`` is the rollout's parse of the completion (a string is parsed first).
 
     >>> opts = {"A": "Lymphoma", "B": "Melanoma"}
     >>> right = "<think>Pigmented atypical cells.</think><answer>B) Melanoma</answer>"  # 4 words
@@ -42,9 +44,10 @@ def conciseness_score(
     >>> conciseness_score(right.replace("B)", "A)").replace("Melanoma", "Lymphoma"), "B", opts)
     0.0
     """
-    if accuracy_reward(completion, answer, options) == 0.0:
+    parsed = as_parsed(completion, options)
+    if accuracy_reward(parsed, answer, options) == 0.0:
         return 0.0
-    words = len(completion.split())
+    words = len(parsed.text.split())
     if words <= target_words:
         return 1.0
     return max(0.0, (max_words - words) / (max_words - target_words))
@@ -83,7 +86,7 @@ class ConcisenessReward(RewardCallback):
         self._max_words = max_words
 
     @override
-    def score_text(self, completion: str, record: VQARecord) -> float:
+    def score_completion(self, completion: ParsedCompletion, record: VQARecord) -> float:
         return conciseness_score(
             completion, record.answer, record.options, self._target_words, self._max_words
         )

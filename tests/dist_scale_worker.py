@@ -125,11 +125,11 @@ def grpo_batch_scaled(name: str, strategy: str, batch_size: int, data_dir: Path,
     make_rollout = module.make_rollout
 
     def recording(batch: dict) -> Any:
-        rollout = make_rollout(batch)
-        local_stds.append(float(finite_std(rollout.total_reward())))
-        for i, record in enumerate(rollout.records):
-            advantages[record.id] = rollout.advantages[i * 4 : (i + 1) * 4].tolist()
-        return rollout
+        scored, slices = make_rollout(batch)
+        local_stds.append(float(finite_std(scored.total)))
+        for i, record in enumerate(scored.samples.records):
+            advantages[record.id] = scored.advantages[i * 4 : (i + 1) * 4].tolist()
+        return scored, slices
 
     module.make_rollout = recording
     recorder = StepRecorder()

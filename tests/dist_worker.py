@@ -42,11 +42,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from pathvlm_lightning.backbone import Backbone, LoraOptions
 from pathvlm_lightning.backbone.sharding import fsdp_units, full_state_dict
 from pathvlm_lightning.callbacks import AccuracyReward, ExportCallback, FormatReward, ReferenceModelCallback
-from pathvlm_lightning.callbacks.rollout import RolloutCallback
+from pathvlm_lightning.callbacks.sampler import RolloutCallback
 from pathvlm_lightning.data import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.losses import GRPOLoss
-from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.test_data_support import pathmmu_rows, write_jsonl
 
@@ -126,7 +126,7 @@ class FixedRollout(RolloutCallback):
         super().__init__(num_generations=NUM_GENERATIONS, max_new_tokens=64)
         self.token_counts: list[int] = []
 
-    def generate(self, pl_module: Any, batch: dict) -> Rollout:
+    def generate(self, pl_module: Any, batch: dict) -> Samples:
         backbone = pl_module.backbone
         tokenizer = backbone.processor.tokenizer
         eos = backbone.eos_token_ids[0]
@@ -141,13 +141,13 @@ class FixedRollout(RolloutCallback):
         ids = ids.to(pl_module.device)
         mask, truncated = backbone.completion_mask(ids)  # [B*G, L], [B*G]
         self.token_counts.append(int(mask.sum()))
-        return Rollout(
-            records=list(batch["records"]),
+        return Samples.of(
+            records=batch["records"],
             prompt_inputs=batch["prompt_inputs"],
             completion_ids=ids,
             completion_mask=mask,
-            completion_texts=[text for record in batch["records"] for text in fixed_completions(record)],
             truncated=truncated,
+            texts=[text for record in batch["records"] for text in fixed_completions(record)],
             group_size=NUM_GENERATIONS,
         )
 

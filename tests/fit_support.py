@@ -15,7 +15,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pathvlm_lightning.callbacks.reward import RewardCallback
+from pathvlm_lightning.callbacks.rewards import RewardCallback
 from pathvlm_lightning.data.datamodule import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.synthetic import generate_dataset

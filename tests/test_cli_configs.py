@@ -282,12 +282,12 @@ def _text_tokens() -> int:
     """Template + longest question + chat wrapping, counted by the embedded tokenizer (1,024 entries: it
     splits English into more tokens than Qwen's 151k vocabulary, so this over-counts)."""
     from pathvlm_lightning.backbone.tiny import build_tiny_processor
-    from pathvlm_lightning.data.prompt import build_messages
+    from pathvlm_lightning.data.prompt import build_prompt_messages
     from pathvlm_lightning.data.records import VQARecord
 
     record = VQARecord(id="long", image="x.png", question=LONGEST_QUESTION, options=LONGEST_OPTIONS, answer="A")
     processor = build_tiny_processor()
-    text = processor.apply_chat_template(build_messages(record), add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(build_prompt_messages(record), add_generation_prompt=True, tokenize=False)
     text = text.replace("<|image_pad|>", "")  # the image's tokens are counted from max_pixels
     return len(processor.tokenizer(text)["input_ids"]) + SYSTEM_TURN_TOKENS
 

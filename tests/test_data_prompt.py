@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathvlm_lightning.data.prompt import PROMPT_TEMPLATE, build_messages, build_prompt, format_options, sft_target
+from pathvlm_lightning.data.prompt import PROMPT_TEMPLATE, build_prompt_messages, build_prompt, format_options, sft_target
 from pathvlm_lightning.data.records import VQARecord
 
 RECORD = VQARecord(
@@ -29,7 +29,7 @@ def test_custom_template():
 
 
 def test_messages_put_the_image_before_the_text():
-    assert build_messages(RECORD) == [
+    assert build_prompt_messages(RECORD) == [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(RECORD)}]}
     ]
 

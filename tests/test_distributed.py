@@ -13,7 +13,7 @@ Why equality is expected, not only approximate agreement:
 - GRPO, ``aggregation: grpo``: mean over each completion's tokens, then over completions; every rank
   has the same number of completions and whole groups, so the rank mean of means is the global mean.
 - GRPO, ``aggregation: dapo``: the token sum is divided by the step's token count over all ranks
-  / world size (``GRPOModule._dapo_num_tokens``); the fixed completions give ranks different token
+  / world size (``BackboneModule.global_count_per_rank``); the fixed completions give ranks different token
   counts, so this is what makes the two agree.
 - Sampling would differ per rank (RNG), so the rollout is fixed per record (``FixedRollout``).
 

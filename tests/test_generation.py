@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.decoding import decode
 from pathvlm_lightning.backbone.sampling import SamplingRule, inverse_cdf_sample, nucleus
-from pathvlm_lightning.grpo.rollout import sampler_kl_terms
+from pathvlm_lightning.grpo.stages import sampler_kl_terms
 from tests.test_families import _prompts, twins
 
 # Upper 0.1 % points of the chi-square distribution (tables): a correct sampler exceeds them once in

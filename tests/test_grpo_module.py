@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pathvlm_lightning.backbone import Backbone, LoraOptions
 from pathvlm_lightning.callbacks import FormatReward, ReferenceModelCallback, RewardCallback, RolloutCallback
 from pathvlm_lightning.data.records import VQARecord
-from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule
 from tests.fit_support import MemoryLogger, make_datamodule, parameters, tensorboard_events, trainer_kwargs
@@ -50,7 +50,7 @@ class FirstGroupReward(RewardCallback):
         super().__init__()
         self.batches = 0
 
-    def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
+    def score(self, rollout: Samples, pl_module: Any) -> torch.Tensor:
         scores = torch.zeros(rollout.num_completions)  # [B*G]
         if self.batches == 0:
             scores[: rollout.group_size] = torch.arange(rollout.group_size, dtype=torch.float32)
@@ -72,7 +72,7 @@ class HalfAbstainingReward(RewardCallback):
 
     default_name = "half"
 
-    def score(self, rollout: Rollout, pl_module: Any) -> torch.Tensor:
+    def score(self, rollout: Samples, pl_module: Any) -> torch.Tensor:
         scores = torch.tensor([len(t) / 10 for t in rollout.completion_texts])  # [B*G]
         scores[1::2] = math.nan
         return scores
@@ -85,9 +85,9 @@ class CountingReference(ReferenceModelCallback):
         super().__init__()
         self.calls = 0
 
-    def reference_logprobs(self, pl_module: Any, rollout: Rollout) -> torch.Tensor:
+    def reference_logprobs(self, pl_module: Any, slices: Any) -> torch.Tensor:
         self.calls += 1
-        return super().reference_logprobs(pl_module, rollout)
+        return super().reference_logprobs(pl_module, slices)
 
 
 class LossCalls(pl.Callback):
@@ -265,7 +265,7 @@ def test_lora_reference_is_the_base_model_without_a_copy(tmp_path: Path, monkeyp
     module.eval()
     batch = next(iter(trainer.datamodule.train_dataloader()))
     rollout = rollout_callback().generate(module, batch)
-    ref = reference.reference_logprobs(module, rollout)  # [B*G, L]
+    ref = reference.reference_logprobs(module, rollout.micro_batches(None))  # [B*G, L]
     expected = base.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, num_generations=G)
     policy = module.backbone.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, num_generations=G)
     mask = rollout.completion_mask.bool()

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pathvlm_lightning.callbacks.process_reward import ProcessReward, RubricProcessReward
+from pathvlm_lightning.callbacks.rewards import ProcessReward, RubricProcessReward
 from pathvlm_lightning.data.records import VQARecord
-from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.rewards.judge import FAULTS, JudgeAuthError, JudgeConfig
 from pathvlm_lightning.rewards.rubric import rubric_scores
 from tests.judge_server import (  # noqa: F401  (fixtures)
@@ -32,7 +32,7 @@ from tests.judge_server import (  # noqa: F401  (fixtures)
 OPTIONS = {"A": "Large", "B": "Small", "C": "Spindle", "D": "Round"}
 
 
-def make_rollout(tmp_path: Path, completions: list[str], group_size: int = 2) -> Rollout:
+def make_rollout(tmp_path: Path, completions: list[str], group_size: int = 2) -> Samples:
     image = tmp_path / "tile.png"
     Image.new("RGB", (8, 8), (180, 90, 160)).save(image)
     records = [
@@ -40,13 +40,13 @@ def make_rollout(tmp_path: Path, completions: list[str], group_size: int = 2) ->
         for b in range(len(completions) // group_size)
     ]
     n = len(completions)
-    return Rollout(
+    return Samples.of(
         records=records,
         prompt_inputs={},
         completion_ids=torch.zeros(n, 3, dtype=torch.long),
         completion_mask=torch.ones(n, 3, dtype=torch.long),
-        completion_texts=completions,
         truncated=torch.zeros(n, dtype=torch.bool),
+        texts=completions,
         group_size=group_size,
     )
 

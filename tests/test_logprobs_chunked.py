@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 from pathvlm_lightning.backbone import Backbone, build_tiny_model, build_tiny_processor, load_processor
 from pathvlm_lightning.backbone.logprobs import chunked_target_logprobs, final_hidden_states
 from pathvlm_lightning.backbone.sequences import completion_mask
-from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS
+from pathvlm_lightning.backbone.families.qwen import QWEN_SPECIAL_TOKENS
 
 # float32, chunked vs one-shot: only the summation order differs.
 TOL = {"atol": 1e-5, "rtol": 1e-5}

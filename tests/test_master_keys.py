@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pathvlm_lightning.callbacks.process_reward import RubricProcessReward
+from pathvlm_lightning.callbacks.rewards import RubricProcessReward
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.synthetic import QUESTION_TYPES
 from pathvlm_lightning.rewards import master_keys

@@ -203,14 +203,18 @@ class ReferenceWindow:
         return scores_reply(0.6, 1.0)
 
     def wrap(self, forward: Any) -> Any:
-        def reference_logprobs(callback: ReferenceModelCallback, pl_module: Any, rollout: Any) -> torch.Tensor:
-            distinct = len({(rollout.record_of(i).id, text) for i, text in enumerate(rollout.completion_texts)})
+        def reference_logprobs(callback: ReferenceModelCallback, pl_module: Any, slices: Any) -> torch.Tensor:
+            distinct = len({  # (prompt, completion tokens): one judge request each
+                ((part.rows.start + j) // part.group_size, tuple(ids[mask.bool()].tolist()))
+                for part in slices
+                for j, (ids, mask) in enumerate(zip(part.completion_ids, part.completion_mask))
+            })
             deadline = time.monotonic() + 10.0
             while len(self.server.requests) < self._asked_before + distinct and time.monotonic() < deadline:
                 time.sleep(0.005)
             start = self.server.in_flight
             try:
-                return forward(callback, pl_module, rollout)
+                return forward(callback, pl_module, slices)
             finally:
                 self.in_flight.append((start, self.server.in_flight))
                 self._asked_before = len(self.server.requests)

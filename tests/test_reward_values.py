@@ -12,7 +12,7 @@ import torch
 
 from pathvlm_lightning.callbacks import RewardCallback
 from pathvlm_lightning.data.records import VQARecord
-from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.stages import Samples
 from tests.test_grpo_module import LengthReward, grpo_fit, rollout_callback
 from tests.test_rewards import make_rollout
 
@@ -26,7 +26,7 @@ class FixedReward(RewardCallback):
         super().__init__(name=name)
         self.values = values
 
-    def score(self, rollout: Rollout, pl_module: Any) -> Any:
+    def score(self, rollout: Samples, pl_module: Any) -> Any:
         return self.values
 
 
@@ -69,7 +69,7 @@ def test_nan_abstains_and_integers_become_float() -> None:
 
 def test_a_non_number_from_score_text_names_the_reward_and_record() -> None:
     rollout = make_rollout(["ok", "ok", "ok", "bad"], group_size=2)
-    message = r"reward 'text' \(TextReward\): score_text returned None \(NoneType\) for completion 3 \(record 'q1'\)"
+    message = r"reward 'text' \(TextReward\): score_completion returned None \(NoneType\) for completion 3 \(record 'q1'\)"
     with pytest.raises(TypeError, match=message):
         TextReward().checked_score(rollout, None)
 

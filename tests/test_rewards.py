@@ -6,7 +6,7 @@ import torch
 from callbacks.conciseness import ConcisenessReward, conciseness_score
 from pathvlm_lightning.callbacks.rewards import AccuracyReward, FormatReward
 from pathvlm_lightning.data.records import VQARecord
-from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.rewards.accuracy import accuracy_reward
 from pathvlm_lightning.rewards.answer import extract_answer, resolve_choice
 from pathvlm_lightning.rewards.format import format_reward
@@ -156,19 +156,19 @@ def test_accuracy_rejects_an_answer_outside_the_options():
 # ---- callbacks ----
 
 
-def make_rollout(texts: list[str], group_size: int) -> Rollout:
+def make_rollout(texts: list[str], group_size: int) -> Samples:
     records = [
         VQARecord(id=f"q{i}", image="x.png", question="What is it?", options=OPTIONS, answer=answer)
         for i, answer in enumerate(["B", "C"][: len(texts) // group_size])
     ]
     n = len(texts)
-    return Rollout(
+    return Samples.of(
         records=records,
         prompt_inputs={},
         completion_ids=torch.zeros(n, 1, dtype=torch.long),
         completion_mask=torch.ones(n, 1),
-        completion_texts=texts,
         truncated=torch.zeros(n, dtype=torch.bool),
+        texts=texts,
         group_size=group_size,
     )
 

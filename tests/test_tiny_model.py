@@ -14,7 +14,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from pathvlm_lightning.backbone import TinyQwenVLProcessor, build_tiny_model, build_tiny_processor, load_processor
-from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, REASONING_TOKENS, build_tiny_config
+from pathvlm_lightning.backbone.families.qwen import QWEN_SPECIAL_TOKENS
+from pathvlm_lightning.backbone.tiny import REASONING_TOKENS, build_tiny_config
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How dense are the nuclei?"}]}]
 

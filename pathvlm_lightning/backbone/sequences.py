@@ -85,7 +85,23 @@ def expand_prompt_inputs(
     if grid is None:
         return out
     order = expanded_image_order(images_per_row(input_ids, grid, image_token_id, merge_size), g)
-    out["image_grid_thw"] = grid[order]  # [N*G, 3]
+    out.update(pick_images(inputs, order))  # [N*G, 3] grid, its patches
+    return out
+
+
+def pick_images(inputs: Mapping[str, torch.Tensor], order: Sequence[int]) -> dict[str, torch.Tensor]:
+    """``image_grid_thw`` [len(order), 3] and ``pixel_values`` of the images ``order`` names, in that
+    order: the one rule by which image data is cut (``pixel_values`` holds every image's
+    ``t*h*w`` patches back to back, so it is split by the grid's patch counts). ``pixel_values`` is
+    left out when ``inputs`` has none.
+
+    >>> grid = torch.tensor([[1, 1, 2], [1, 1, 1]])  # 2 patches, then 1
+    >>> picked = pick_images({"image_grid_thw": grid, "pixel_values": torch.arange(3.0)[:, None]}, [1, 0, 1])
+    >>> picked["pixel_values"].flatten().tolist(), picked["image_grid_thw"][:, 2].tolist()
+    ([2.0, 0.0, 1.0, 2.0], [1, 2, 1])
+    """
+    grid = inputs["image_grid_thw"]  # [N, 3]
+    out = {"image_grid_thw": grid[list(order)]}
     if inputs.get("pixel_values") is not None:
         patches = inputs["pixel_values"].split(grid.prod(-1).tolist())  # N x [t*h*w, C]
         out["pixel_values"] = torch.cat([patches[i] for i in order]) if order else inputs["pixel_values"][:0]

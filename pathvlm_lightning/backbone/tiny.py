@@ -28,54 +28,19 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from pathvlm_lightning.backbone.families.qwen import CHATML_TEMPLATE, QWEN_SPECIAL_TOKENS, mrope_section
+
+# The tiny model's chat template: the Qwen families' ChatML (``families/qwen.py``).
+TINY_CHAT_TEMPLATE = CHATML_TEMPLATE
+
 VOCAB_SIZE = 1024
 
-# Qwen2/2.5's special tokens, in the order of their ids (151643..151664 in the real vocabulary).
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-)
 REASONING_TOKENS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
 
 # Same split as Qwen2Tokenizer, so BPE is trained on the pieces it will later see.
 _PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-# Qwen-style ChatML. Unlike Qwen's own template no default system message is inserted: prompts for
-# the tiny model stay short, and a caller who wants one passes a system turn.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # 112x112 -> 8x8 patches -> 16 tokens; 448x448 -> 256 tokens; larger images shrink to <= 256 tokens.
@@ -224,18 +189,6 @@ _SIZES: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 512, "v_depth": 2, "v_hidden": 64},
     "small": {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 1024, "v_depth": 4, "v_hidden": 128},
 }
-
-
-def mrope_section(rotary_dim: int, time_share: int = 4) -> list[int]:
-    """Split ``rotary_dim / 2`` frequencies over (time, height, width) like Qwen's 16/24/24 of 64.
-
-    >>> mrope_section(32)
-    [4, 6, 6]
-    """
-    half = rotary_dim // 2
-    time = half // time_share
-    height = (half - time) // 2
-    return [time, height, half - time - height]
 
 
 def build_tiny_config(

@@ -24,12 +24,8 @@ from tokenizers import AddedToken, Tokenizer, normalizers
 from transformers import TokenizersBackend
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from pathvlm_lightning.backbone.tiny import (
-    QWEN_SPECIAL_TOKENS,
-    TINY_CHAT_TEMPLATE,
-    TinyQwenVLProcessor,
-    build_tiny_image_processor,
-)
+from pathvlm_lightning.backbone.families.qwen import CHATML_TEMPLATE, QWEN_SPECIAL_TOKENS
+from pathvlm_lightning.backbone.tiny import TinyQwenVLProcessor, build_tiny_image_processor
 
 # Qwen2/2.5/3-VL's split: letters with one leading non-letter, single digits, punctuation runs.
 QWEN2_PATTERN = (
@@ -46,7 +42,7 @@ QWEN3_5_PATTERN = (
 # <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad to the image's tokens).
 QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% if messages and messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}" + TINY_CHAT_TEMPLATE
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}" + CHATML_TEMPLATE
 )
 
 

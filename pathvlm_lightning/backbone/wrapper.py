@@ -41,7 +41,7 @@ from pathvlm_lightning.backbone.shared_prompt import (
     expanded_image_features,
 )
 from pathvlm_lightning.backbone.sequences import (
-    completion_mask,
+    completion_mask as sequences_completion_mask,
     expand_prompt_inputs,
     mm_token_types,
     replace_tokens,
@@ -232,7 +232,7 @@ class Backbone(torch.nn.Module):
 
     def completion_mask(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [B*G, L] long, 1 up to and including the first EOS; truncated [B*G] bool)."""
-        return completion_mask(completion_ids, self.eos_token_ids)
+        return sequences_completion_mask(completion_ids, self.eos_token_ids)
 
     def token_logprobs(
         self,
@@ -241,8 +241,12 @@ class Backbone(torch.nn.Module):
         *,
         num_generations: int,
         temperature: float = 1.0,
+        completion_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """float32 log p(completion token | prompt, earlier tokens) -> [B*G, L]; differentiable.
+
+        ``completion_mask`` [B*G, L] is the rollout's own (``Samples.completion_mask``, 1 up to and
+        including the first EOS); without it the mask is computed from the ids by the same rule.
 
         Logits are divided by ``temperature`` (match the sampling temperature). Vocabulary logits
         are computed only where a completion token is predicted, never over the prompt, and only
@@ -264,7 +268,10 @@ class Backbone(torch.nn.Module):
             )
         completion_ids = completion_ids.to(inputs["input_ids"].device)
         fed = replace_tokens(completion_ids, self.vision_token_ids, self.pad_token_id)  # [B*G, L]
-        mask, _ = completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
+        if completion_mask is None:
+            mask, _ = sequences_completion_mask(completion_ids, self.eos_token_ids)  # [B*G, L]
+        else:
+            mask = completion_mask.to(completion_ids.device)  # [B*G, L]
         mode = self.sharing_mode(inputs)
         if self.last_sharing is None or self.last_sharing.mode != mode:  # a forced mode (tests, benchmarks)
             self.last_sharing = Sharing(mode)

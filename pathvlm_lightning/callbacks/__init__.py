@@ -1,12 +1,18 @@
-"""Lightning callbacks: the GRPO chain (rollout, rewards, reference), export and progress lines."""
+"""Lightning callbacks: the GRPO parts (the rollout's sampler, the rewards, the reference), export and
+progress lines. Every packaged reward callback and their base class live in ``callbacks/rewards.py``;
+the pure scoring they adapt lives in ``pathvlm_lightning.rewards``."""
 
 from pathvlm_lightning.callbacks.export import ExportCallback
-from pathvlm_lightning.callbacks.process_reward import ProcessReward, RubricProcessReward
 from pathvlm_lightning.callbacks.progress import EpochProgressBar, ProgressLog
 from pathvlm_lightning.callbacks.reference import ReferenceModelCallback
-from pathvlm_lightning.callbacks.reward import RewardCallback
-from pathvlm_lightning.callbacks.rewards import AccuracyReward, FormatReward
-from pathvlm_lightning.callbacks.rollout import RolloutCallback
+from pathvlm_lightning.callbacks.rewards import (
+    AccuracyReward,
+    FormatReward,
+    ProcessReward,
+    RewardCallback,
+    RubricProcessReward,
+)
+from pathvlm_lightning.callbacks.sampler import RolloutCallback
 
 __all__ = [
     "AccuracyReward",

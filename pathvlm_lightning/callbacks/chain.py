@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from lightning.pytorch import Callback
 
 from pathvlm_lightning.callbacks.reference import ReferenceModelCallback
-from pathvlm_lightning.callbacks.reward import RewardCallback
-from pathvlm_lightning.callbacks.rollout import RolloutCallback
+from pathvlm_lightning.callbacks.rewards import RewardCallback
+from pathvlm_lightning.callbacks.sampler import RolloutCallback
 
 
 @dataclass(frozen=True)

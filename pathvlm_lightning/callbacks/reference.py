@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,11 +13,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from typing_extensions import override
 
 from pathvlm_lightning.backbone.sharding import copy_local_shards, fsdp_units, full_state_dict, mixed_precision_policy
-from pathvlm_lightning.grpo.rollout import Rollout
+from pathvlm_lightning.grpo.stages import MicroBatch
 
 
 class ReferenceModelCallback(Callback):
-    """Computes ``rollout.ref_logprobs`` [B*G, L] for the KL term (the module calls it; only when beta > 0).
+    """Computes the reference log-probs [B*G, L] for the KL term (the module calls it; only when beta > 0).
 
     With LoRA the reference is the same weights with the adapters disabled: no second copy in memory.
     With full fine-tuning it is a frozen copy of the policy's weights as the stage starts, also on
@@ -31,7 +32,8 @@ class ReferenceModelCallback(Callback):
       ``configure_model`` sharded the policy, before this strategy restores a checkpoint) allocates
       the rank's 1/N shards and copies the policy's local shards into them. The sync then mixes matching shards locally.
 
-    The log-prob pass runs over the module's ``micro_batch_size`` slices of whole groups.
+    The log-prob pass runs over the step's micro-batch slices (cut once by the module and shared
+    with the policy passes).
 
     Args:
         sync_every_n_steps: if set, every N optimizer steps the reference moves towards the policy:
@@ -90,17 +92,15 @@ class ReferenceModelCallback(Callback):
                 self._needs_weights = True
 
     @torch.no_grad()
-    def reference_logprobs(self, pl_module: Any, rollout: Rollout) -> torch.Tensor:
-        """[B*G, L] log-probs of ``rollout.completion_ids`` under the reference, at sampling temperature."""
+    def reference_logprobs(self, pl_module: Any, slices: Sequence[MicroBatch]) -> torch.Tensor:
+        """[B*G, L] log-probs of the slices' completions under the reference, at sampling temperature."""
         backbone = pl_module.backbone
-        kwargs = dict(num_generations=rollout.group_size, temperature=rollout.temperature)
-        parts = rollout.group_slices(getattr(pl_module, "micro_batch_size", None))
         if self._reference is None:  # under FSDP2 the policy's root stays gathered into its own passes
             with backbone.adapters_disabled():
-                logprobs = [backbone.token_logprobs(p.prompt_inputs, p.completion_ids, **kwargs) for p in parts]
+                logprobs = [_logprobs(backbone, part) for part in slices]
         else:  # under FSDP2 the copy's root (its output layer) is gathered once for all slices
             with self._reference.output_layer_gathered():
-                logprobs = [self._reference.token_logprobs(p.prompt_inputs, p.completion_ids, **kwargs) for p in parts]
+                logprobs = [_logprobs(self._reference, part) for part in slices]
         return torch.cat(logprobs)  # [B*G, L]: the slices are consecutive groups
 
     @override
@@ -151,3 +151,14 @@ class ReferenceModelCallback(Callback):
             else:
                 self._reference.load_state_dict(state_dict["reference"])
             self._synced = True
+
+
+def _logprobs(model: Any, part: MicroBatch) -> torch.Tensor:
+    """[n, L] log-probs of one slice's completions under ``model`` (a Backbone)."""
+    return model.token_logprobs(
+        part.prompt_inputs,
+        part.completion_ids,
+        num_generations=part.group_size,
+        temperature=part.temperature,
+        completion_mask=part.completion_mask,
+    )

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pathvlm_lightning.data.validation import MIN_OPTIONS, InvalidRecord, check_image
-from pathvlm_lightning.rewards.answer import extract_answer, resolve_choice
-from pathvlm_lightning.rewards.format import format_reward
+from pathvlm_lightning.rewards.answer import resolve_choice
+from pathvlm_lightning.rewards.completion import parse_completion
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.IGNORECASE | re.DOTALL)
 
@@ -79,16 +79,17 @@ def read_completion(completion: str, options: Mapping[str, str], output_tokens: 
     >>> (a.reasoning, a.letter, a.text, a.format_ok)
     ('Pink.', 'A', 'H&E', True)
     """
-    parsed = extract_answer(completion, options)
+    read = parse_completion(completion, options)
+    parsed = read.answer
     letter = resolve_choice(parsed, options)
-    think = _THINK.search(completion)
+    think = _THINK.search(completion)  # shown as written: the first block only, none without one
     return Answer(
         completion=completion,
         reasoning=think.group(1).strip() if think else None,
         letter=letter,
         text=options[letter] if letter is not None else None,
         raw_answer=parsed.raw,
-        format_ok=format_reward(completion) == 1.0,
+        format_ok=read.well_formed,
         output_tokens=output_tokens,
         truncated=truncated,
     )

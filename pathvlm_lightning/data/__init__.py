@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "read_split": "splits",
     "PROMPT_TEMPLATE": "prompt",
     "build_prompt": "prompt",
-    "build_messages": "prompt",
+    "build_prompt_messages": "prompt",
     "sft_target": "prompt",
     "IGNORE_INDEX": "collate",
     "SFTCollator": "collate",

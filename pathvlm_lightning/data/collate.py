@@ -24,7 +24,7 @@ import torch
 
 from pathvlm_lightning.data.counterfactual import VARIANT_KEY, blank_like
 from pathvlm_lightning.data.images import load_image
-from pathvlm_lightning.data.prompt import PROMPT_TEMPLATE, build_messages, sft_target
+from pathvlm_lightning.data.prompt import PROMPT_TEMPLATE, build_prompt_messages, sft_target
 from pathvlm_lightning.data.records import BatchRecords, VQARecord
 from pathvlm_lightning.data.validation import DataValidationError, InvalidRecord, RecordPolicy
 
@@ -48,7 +48,7 @@ class _ProcessorCollator:
     def prompt_text(self, record: VQARecord) -> str:
         with_image = record.extra.get(VARIANT_KEY) != "no_image"
         return self.processor.apply_chat_template(
-            build_messages(record, self.template, with_image=with_image), tokenize=False, add_generation_prompt=True
+            build_prompt_messages(record, self.template, with_image=with_image), tokenize=False, add_generation_prompt=True
         )
 
     def encode(self, texts: list[str], records: list[VQARecord], padding_side: str) -> dict[str, torch.Tensor]:
@@ -139,7 +139,7 @@ class SFTCollator(_ProcessorCollator):
 
     def _conversation_text(self, record: VQARecord, prompt: str) -> str:
         target = self.target_fn(record)
-        messages = build_messages(record, self.template) + [
+        messages = build_prompt_messages(record, self.template) + [
             {"role": "assistant", "content": [{"type": "text", "text": target}]}
         ]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)

@@ -38,7 +38,7 @@ def build_prompt(record: VQARecord, template: str = PROMPT_TEMPLATE) -> str:
     return template.format(question=record.question, options=format_options(record.options))
 
 
-def build_messages(record: VQARecord, template: str = PROMPT_TEMPLATE, with_image: bool = True) -> list[dict[str, Any]]:
+def build_prompt_messages(record: VQARecord, template: str = PROMPT_TEMPLATE, with_image: bool = True) -> list[dict[str, Any]]:
     """The chat for ``record``: one user turn holding the image, then the prompt text. Without the
     image (``with_image=False``: the image-free counterfactual) the turn holds the text alone."""
     image = [{"type": "image"}] if with_image else []

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.rewards.accuracy import accuracy_reward
-from pathvlm_lightning.rewards.answer import extract_answer
+from pathvlm_lightning.rewards.completion import ParsedCompletion, as_parsed
 from pathvlm_lightning.rewards.format import format_reward
 
 
@@ -40,11 +40,16 @@ class Prediction:
 
 
 def score_prediction(
-    record: VQARecord, completion: str, output_tokens: int, truncated: bool = False, letter_only: bool = False
+    record: VQARecord,
+    completion: str | ParsedCompletion,
+    output_tokens: int,
+    truncated: bool = False,
+    letter_only: bool = False,
 ) -> Prediction:
-    """Grade ``completion`` with the same rules the accuracy and format rewards use."""
-    parsed = extract_answer(completion, record.options)
-    correct = accuracy_reward(completion, record.answer, record.options, letter_only=letter_only) == 1.0
+    """Grade ``completion`` with the accuracy and format rewards, reading its one parse
+    (:mod:`pathvlm_lightning.rewards.completion`; a string is parsed here, once)."""
+    parsed = as_parsed(completion, record.options)
+    correct = accuracy_reward(parsed, record.answer, record.options, letter_only=letter_only) == 1.0
     return Prediction(
         id=record.id,
         image=record.image,
@@ -53,10 +58,10 @@ def score_prediction(
         question=record.question,
         options=dict(record.options),
         answer=record.answer,
-        completion=completion,
-        predicted_letter=parsed.letter,
+        completion=parsed.text,
+        predicted_letter=parsed.answer.letter,
         correct=correct,
-        format_ok=format_reward(completion) == 1.0,
+        format_ok=format_reward(parsed) == 1.0,
         output_tokens=int(output_tokens),
         truncated=bool(truncated),
         spec=dict(record.extra["spec"]) if isinstance(record.extra.get("spec"), dict) else None,

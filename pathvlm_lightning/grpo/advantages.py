@@ -1,7 +1,7 @@
 """Group-relative advantages: how much better each completion did than its siblings.
 
 Completions arrive flat, ``[B*G]``, with completion ``i`` answering prompt ``i // G`` (the
-:class:`~pathvlm_lightning.grpo.rollout.Rollout` layout). A NaN reward means every reward callback
+:class:`~pathvlm_lightning.grpo.stages.Samples` layout). A NaN reward means every reward callback
 abstained on that completion: it is left out of its group's mean and standard deviation and gets
 advantage 0, so it neither pushes nor pulls the policy.
 
@@ -12,6 +12,7 @@ version. A group with fewer than two finite rewards has standard deviation 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -67,9 +68,27 @@ def group_advantages(
 
 
 def finite_std(values: torch.Tensor) -> torch.Tensor:
-    """Unbiased std of the finite entries of ``values``; 0 below two of them."""
+    """Unbiased std of the finite entries of ``values``; 0 below two of them. The one std of finite
+    rewards (the logged ``reward/total_std``, ``batch`` scaling given no std);
+    :func:`global_finite_std` is the same over every data-parallel rank."""
     finite = values[torch.isfinite(values)]  # [n]
     return finite.std() if finite.numel() >= 2 else finite.new_zeros(())
+
+
+def global_finite_std(values: torch.Tensor, reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """:func:`finite_std` over every data-parallel rank's ``values`` [n] (two all-reduces by
+    ``reduce``, a strategy's ``reduce(tensor, reduce_op="sum")``).
+
+    Two passes (global mean, then global sum of squared deviations) in float64, so one process
+    gets ``torch.std`` up to rounding and ranks with different reward counts are weighed right.
+    """
+    finite = values[torch.isfinite(values)].to(torch.float64)  # [n] on this rank
+    moments = torch.stack([finite.new_tensor(float(finite.numel())), finite.sum()])  # [2]: count, sum
+    count, summed = reduce(moments, reduce_op="sum").tolist()
+    if count < 2:
+        return values.new_zeros(())
+    squares = reduce(((finite - summed / count) ** 2).sum(), reduce_op="sum")  # []
+    return torch.sqrt(squares / (count - 1)).to(values.dtype)
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

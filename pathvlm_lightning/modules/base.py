@@ -60,6 +60,15 @@ class BackboneModule(pl.LightningModule):
         scheduler = self._scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def global_count_per_rank(self, local: torch.Tensor) -> torch.Tensor:
+        """The loss normaliser for a count summed over the global batch: [] float64, this step's
+        ``local`` count (tokens) summed over every data-parallel rank, divided by the world size
+        (a collective). Data-parallel gradients are averaged over ranks, so dividing each rank's
+        sum by it makes the step's gradient the mean over every token of the global batch, as on
+        one process (GRPO's dapo aggregation, SFT's label tokens)."""
+        local = local.to(device=self.device, dtype=torch.float32)
+        return self.trainer.strategy.reduce(local, reduce_op="sum").double() / self.trainer.world_size
+
     def _warn_about_half_precision_updates(self, optimizer: torch.optim.Optimizer) -> None:
         """Warn once per fit, on rank 0, when the optimizer updates bfloat16/float16 weights in place
         (``bf16-true``/``16-true``, or a half-precision backbone ``dtype``): name the share of them an

@@ -11,9 +11,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone
 from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
-from pathvlm_lightning.grpo.advantages import group_advantages, zero_variance_groups
+from pathvlm_lightning.grpo.advantages import finite_std, global_finite_std, group_advantages, zero_variance_groups
 from pathvlm_lightning.grpo.losses import GRPOLoss, LossStats, PolicyLoss, StepTotals, sum_stats
-from pathvlm_lightning.grpo.rollout import Rollout, sampler_kl_terms
+from pathvlm_lightning.grpo.stages import MicroBatch, Samples, Scored, sampler_kl_terms, total_reward
 from pathvlm_lightning.modules.base import BackboneModule
 from pathvlm_lightning.modules.evaluation import GenerationEvaluation
 
@@ -30,10 +30,13 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     detached current ones and no extra forward is spent, with more the first pass's detached
     log-probs serve as the old policy's.
 
-    With ``micro_batch_size`` the policy and reference passes run over slices of whole groups (a
-    group's prompt stays in one pass) and gradients accumulate over the slices before the one
-    optimizer step; every loss normaliser (completions, tokens, dapo's global count) is counted over
-    the whole step, so loss, statistics and gradient equal the full batch's (``grpo/losses/base.py``).
+    The step's data moves through frozen stages (``grpo/stages.py``): ``Samples`` (each completion
+    parsed once) -> ``MicroBatch`` slices -> ``Scored``. With ``micro_batch_size`` the policy and
+    reference passes run over the same slices of whole groups, cut once per step (a group's prompt
+    stays in one pass; with ``drop_zero_variance_groups`` the kept groups are cut again for the
+    policy), and gradients accumulate over the slices before the one optimizer step; every loss
+    normaliser (completions, tokens, dapo's global count) is counted over the whole step, so loss,
+    statistics and gradient equal the full batch's (``grpo/losses/base.py``).
 
     A step where every group of every rank has zero-variance rewards (all advantages 0) teaches
     nothing: it is skipped (no forward/backward, no scheduler step, weights and optimizer state
@@ -46,7 +49,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     ``rollout/sampler_kl`` is the agreement of sampler and trainer: the mean over completion tokens of
     the k3 estimate of KL(sampler || trainer) between the log-probs the sampler recorded while drawing
     each token and the first iteration's policy log-probs, computed with the same weights before the
-    optimizer step (``grpo.rollout.sampler_kl_terms``). ~0 in float32; in bf16 on GPU it measures how
+    optimizer step (``grpo.stages.sampler_kl_terms``). ~0 in float32; in bf16 on GPU it measures how
     far the rollout is off-policy by numerics alone. Train-mode dropout (e.g. LoRA dropout) in the
     trainer's pass counts too. Not logged on skipped steps (no forward is run).
 
@@ -135,49 +138,40 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.loss.bind(max_completion_length=self._chain.rollout.max_new_tokens)
 
     # ---- the step -------------------------------------------------------------------------------
-    def make_rollout(self, batch: dict) -> Rollout:
-        """Generate, score and compute advantages (and reference log-probs) for one batch."""
+    def make_rollout(self, batch: dict) -> tuple[Scored, tuple[MicroBatch, ...]]:
+        """One batch through the stages (``grpo/stages.py``): sampled, parsed once, cut once into
+        the micro-batch slices the reference and the policy share, scored, with advantages."""
         chain = self._chain
-        rollout = chain.rollout.generate(self, batch)
+        samples = chain.rollout.generate(self, batch)  # Samples: B*G completions, each parsed once
         for reward in chain.rewards:
-            reward.begin(rollout, self)
-        if self.needs_reference:
-            rollout.ref_logprobs = chain.reference.reference_logprobs(self, rollout)
-        for reward in chain.rewards:
-            scores = reward.checked_score(rollout, self).to(self.device)  # [B*G]
-            rollout.extras.setdefault("scores", {})[reward.name] = scores
-            rollout.rewards[reward.name] = scores * reward.weight
-        total = rollout.total_reward()  # [B*G]
+            reward.begin(samples, self)
+        slices = samples.micro_batches(self.micro_batch_size)  # cut once per step
+        ref_logprobs = chain.reference.reference_logprobs(self, slices) if self.needs_reference else None  # [B*G, L]
+        scores = {reward.name: reward.checked_score(samples, self).to(self.device) for reward in chain.rewards}
+        rewards = {reward.name: scores[reward.name] * reward.weight for reward in chain.rewards}  # [B*G] each
+        total = total_reward(rewards)  # [B*G]
         scale = self.hparams.scale_rewards
-        batch_std = self._global_reward_std(total) if scale == "batch" else None
-        rollout.advantages = group_advantages(total, rollout.group_size, scale=scale, batch_std=batch_std)
-        return rollout
-
-    def _global_reward_std(self, total: torch.Tensor) -> torch.Tensor:
-        """Unbiased std of the finite rewards [B*G] of every data-parallel rank (two all-reduces).
-
-        Two passes (global mean, then global sum of squared deviations) in float64, so one process
-        gets ``torch.std`` up to rounding and ranks with different reward counts are weighed right.
-        """
-        finite = total[torch.isfinite(total)].to(torch.float64)  # [n] on this rank
-        reduce = self.trainer.strategy.reduce
-        moments = torch.stack([finite.new_tensor(float(finite.numel())), finite.sum()])  # [2]: count, sum
-        count, summed = reduce(moments, reduce_op="sum").tolist()
-        if count < 2:
-            return total.new_zeros(())
-        squares = reduce(((finite - summed / count) ** 2).sum(), reduce_op="sum")  # []
-        return torch.sqrt(squares / (count - 1)).to(total.dtype)
+        batch_std = global_finite_std(total, self.trainer.strategy.reduce) if scale == "batch" else None
+        scored = Scored(
+            samples=samples,
+            scores=scores,
+            rewards=rewards,
+            total=total,
+            advantages=group_advantages(total, samples.group_size, scale=scale, batch_std=batch_std),
+            ref_logprobs=ref_logprobs,
+        )
+        return scored, slices
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        rollout = self.make_rollout(batch)
-        total = rollout.total_reward()
-        zero_var = zero_variance_groups(total, rollout.group_size)  # [B]
-        train_rollout = rollout
-        if self.hparams.drop_zero_variance_groups and bool((~zero_var).any()):
-            train_rollout = rollout.select_groups(~zero_var)
+        scored, slices = self.make_rollout(batch)
+        zero_var = zero_variance_groups(scored.total, scored.samples.group_size)  # [B]
+        trained, parts = scored, slices
+        if self.hparams.drop_zero_variance_groups and bool((~zero_var).any()) and not bool((~zero_var).all()):
+            trained = scored.select_groups(~zero_var)  # the kept groups, re-cut into slices
+            parts = trained.samples.micro_batches(self.micro_batch_size)
         skip = self._nothing_to_learn(zero_var)
         self._skipped_steps += int(skip)
-        self._log_rollout(rollout, total, zero_var, train_rollout)
+        self._log_rollout(scored, zero_var, trained)
         optimizer = self.optimizers()
         if skip:
             for _ in range(self.hparams.num_iterations):  # the step counter moves, nothing else
@@ -186,10 +180,11 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             return
 
         scheduler = self.lr_schedulers()
-        global_count = self.loss.needs_global_token_count
-        num_tokens = self._dapo_num_tokens(train_rollout.completion_mask) if global_count else None
-        totals = StepTotals.of(train_rollout.completion_mask)  # the whole step's normalisers
-        parts = train_rollout.group_slices(self.micro_batch_size)
+        mask = trained.samples.completion_mask  # [N, L]
+        global_count = self.loss.needs_global_token_count  # dapo: valid tokens of all ranks / world size
+        num_tokens = float(self.global_count_per_rank(mask.sum())) if global_count else None
+        totals = StepTotals.of(mask)  # the whole step's normalisers
+        old_logprobs: list[torch.Tensor | None] = [None] * len(parts)  # per slice, from the first iteration
         agreement: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k3 sum, tokens) per micro-batch
         for iteration in range(self.hparams.num_iterations):
             optimizer.zero_grad()
@@ -198,11 +193,13 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                 for index, part in enumerate(parts):
                     last = index == len(parts) - 1  # DDP all-reduces the summed gradients once, after it
                     with nullcontext() if last else self._no_gradient_sync():
-                        loss, part_stats, logprobs = self._accumulate(part, num_tokens, totals)
+                        loss, part_stats, logprobs = self._accumulate(
+                            part, trained, old_logprobs[index], num_tokens, totals
+                        )
                     losses.append(loss)
                     stats.append(part_stats)
                     if iteration == 0 and self.hparams.num_iterations > 1:
-                        part.old_logprobs = logprobs
+                        old_logprobs[index] = logprobs
                     if iteration == 0 and part.sampler_logprobs is not None:  # the weights that sampled
                         agreement.append(sampler_kl_terms(part.sampler_logprobs, logprobs, part.completion_mask))
             if self.hparams.max_grad_norm is not None:
@@ -219,19 +216,29 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
                 self.log("rollout/sampler_kl", kl_sum / tokens.clamp(min=1), batch_size=1, sync_dist=True)
 
     def _accumulate(
-        self, part: Rollout, num_tokens: float | None, totals: StepTotals
+        self,
+        part: MicroBatch,
+        scored: Scored,
+        old_logprobs: torch.Tensor | None,
+        num_tokens: float | None,
+        totals: StepTotals,
     ) -> tuple[torch.Tensor, LossStats, torch.Tensor]:
-        """Forward-backward of one slice of whole groups: (its detached loss share, stats share,
-        detached log-probs [n, L])."""
+        """Forward-backward of one slice of whole groups (its rows of ``scored``): (its detached loss
+        share, stats share, detached log-probs [n, L])."""
         logprobs = self.backbone.token_logprobs(
-            part.prompt_inputs, part.completion_ids, num_generations=part.group_size, temperature=part.temperature
+            part.prompt_inputs,
+            part.completion_ids,
+            num_generations=part.group_size,
+            temperature=part.temperature,
+            completion_mask=part.completion_mask,
         )  # [n, L]
+        ref_logprobs = None if scored.ref_logprobs is None else scored.ref_logprobs[part.rows]  # [n, L]
         loss, stats = self.loss(
             logprobs,
-            part.advantages,
+            scored.advantages[part.rows],
             part.completion_mask,
-            old_logprobs=part.old_logprobs,
-            ref_logprobs=part.ref_logprobs,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
             num_tokens=num_tokens,
             totals=totals,
         )
@@ -258,25 +265,16 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._skipped_steps = int(checkpoint.get("grpo_skipped_steps", 0))
 
-    def _dapo_num_tokens(self, mask: torch.Tensor) -> float:
-        """dapo's normaliser: valid tokens of this step on all ranks / world size (a collective).
-
-        Data-parallel gradients are averaged over ranks, so dividing each rank's token sum by this
-        makes the step's gradient the mean over every token of the global batch, as on one process.
-        """
-        local = mask.sum().to(device=self.device, dtype=torch.float32)  # valid tokens on this rank
-        total = self.trainer.strategy.reduce(local, reduce_op="sum")
-        return float(total) / self.trainer.world_size
-
     # ---- logging --------------------------------------------------------------------------------
-    def _log_rollout(self, rollout: Rollout, total: torch.Tensor, zero_var: torch.Tensor, trained: Rollout) -> None:
+    def _log_rollout(self, scored: Scored, zero_var: torch.Tensor, trained: Scored) -> None:
+        rollout, total = scored.samples, scored.total
         lengths = rollout.completion_mask.sum(dim=1).float()  # [B*G]
         log = dict(batch_size=rollout.num_completions, sync_dist=True)
-        for name, scores in rollout.extras["scores"].items():
+        for name, scores in scored.scores.items():
             self.log(f"reward/{name}", torch.nanmean(scores), prog_bar=name == "accuracy", **log)
         self.log("reward/total_mean", torch.nanmean(total), prog_bar=True, **log)
-        self.log("reward/total_std", _nanstd(total), **log)
-        adv = rollout.advantages
+        self.log("reward/total_std", finite_std(total), **log)
+        adv = scored.advantages
         self.log("advantage/mean", adv.mean(), **log)
         self.log("advantage/std", adv.std() if adv.numel() > 1 else adv.new_zeros(()), **log)
         self.log("advantage/abs_mean", adv.abs().mean(), **log)
@@ -284,7 +282,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.log("completion/length_max", lengths.max(), reduce_fx="max", **log)
         self.log("completion/truncated_frac", rollout.truncated.float().mean(), **log)
         self.log("groups/zero_variance_frac", zero_var.float().mean(), **log)
-        self.log("groups/trained_frac", trained.num_prompts / rollout.num_prompts, **log)
+        self.log("groups/trained_frac", trained.samples.num_prompts / rollout.num_prompts, **log)
         self.log("groups/skipped_steps", float(self._skipped_steps), reduce_fx="max", **log)
         self.log("rollout/tokens_per_s", lengths.sum() / max(rollout.generation_seconds, 1e-9), **log)
         for reward in self._chain.rewards:
@@ -320,7 +318,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
             self.logger.log_hyperparams({"sharing_mode": mode})
             self.logger.experiment.add_text("rollout/sharing_mode", f"{mode} ({codes})", global_step=self.global_step)
 
-    def _log_samples(self, rollout: Rollout, total: torch.Tensor, count: int = 4) -> None:
+    def _log_samples(self, rollout: Samples, total: torch.Tensor, count: int = 4) -> None:
         rows = []
         for i in range(min(count, rollout.num_completions)):
             record = rollout.record_of(i)
@@ -339,11 +337,6 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.log("val/accuracy", sum(p.correct for p in preds) / n, batch_size=n, sync_dist=True, prog_bar=True)
         self.log("val/format_compliance", sum(p.format_ok for p in preds) / n, batch_size=n, sync_dist=True)
         self.log("val/avg_output_tokens", sum(p.output_tokens for p in preds) / n, batch_size=n, sync_dist=True)
-
-
-def _nanstd(x: torch.Tensor) -> torch.Tensor:
-    finite = x[~torch.isnan(x)]
-    return finite.std() if finite.numel() > 1 else x.new_zeros(())
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,8 @@ class SFTModule(GenerationEvaluation, BackboneModule):
 
     def _global_label_tokens(self, labels: torch.Tensor) -> torch.Tensor:
         """Label tokens [] of this step on all ranks / world size (a collective)."""
-        local = (labels[:, 1:] != -100).sum().to(device=self.device, dtype=torch.float32)  # predicted tokens
-        total = self.trainer.strategy.reduce(local, reduce_op="sum")
-        return (total / self.trainer.world_size).clamp(min=1)
+        local = (labels[:, 1:] != -100).sum()  # predicted tokens
+        return self.global_count_per_rank(local).float().clamp(min=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch, self._global_label_tokens(batch["labels"]))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pathvlm_lightning.rewards.answer import extract_answer, normalize_text
+from pathvlm_lightning.rewards.answer import normalize_text
+from pathvlm_lightning.rewards.completion import ParsedCompletion, as_parsed
 
 
 def accuracy_reward(
-    completion: str, answer: str, options: Mapping[str, str], letter_only: bool = False
+    completion: str | ParsedCompletion, answer: str, options: Mapping[str, str], letter_only: bool = False
 ) -> float:
-    """1.0 when the final ``<answer>`` block (see :mod:`pathvlm_lightning.rewards.answer`) names
+    """1.0 when the completion's answer (its parse's ``answer``, see
+    :mod:`pathvlm_lightning.rewards.completion`) names
     the correct option by letter AND by its text, e.g. ``B) Melanoma``, up to case, spacing and
     edge punctuation; else 0.0.
 
@@ -21,7 +23,7 @@ def accuracy_reward(
     (whatever text follows it); a text without a letter still scores 0.
 
     Args:
-        completion: the model's output.
+        completion: the model's output, parsed (a string is parsed first).
         answer: the correct letter, a key of ``options``.
         options: letter -> option text.
         letter_only: judge the letter alone.
@@ -40,7 +42,7 @@ def accuracy_reward(
     """
     if answer not in options:
         raise ValueError(f"answer {answer!r} is not one of the options {sorted(options)}")
-    parsed = extract_answer(completion, options)
+    parsed = as_parsed(completion, options).answer
     if parsed.letter != answer:
         return 0.0
     if letter_only:

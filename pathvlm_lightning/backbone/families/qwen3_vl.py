@@ -21,7 +21,7 @@ from pathvlm_lightning.backbone.families.base import (
     twin_text_config,
     vision_ids,
 )
-from pathvlm_lightning.backbone.tiny import QWEN_SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
+from pathvlm_lightning.backbone.families.qwen import CHATML_TEMPLATE, QWEN_SPECIAL_TOKENS
 from pathvlm_lightning.backbone.vocab import QWEN2_PATTERN, VocabSpec, packaged_ranks
 
 # Qwen3's additions after Qwen2.5's 22 specials (151643..151664); the reasoning tags are plain text
@@ -59,7 +59,7 @@ class Qwen3_VL(Family):
             ranks_file=packaged_ranks("qwen.tiktoken"),
             added_tokens=tuple((151643 + i, token, special) for i, (token, special) in enumerate(added)),
             pattern=QWEN2_PATTERN,
-            chat_template=TINY_CHAT_TEMPLATE,
+            chat_template=CHATML_TEMPLATE,
             eos_token="<|im_end|>",
             pad_token="<|endoftext|>",
             vocab_size=151936,

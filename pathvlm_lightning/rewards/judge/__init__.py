@@ -1,6 +1,6 @@
 """The cross-modal process reward's judge: request building, reply parsing, cache and client.
 
-Free of Lightning; :mod:`pathvlm_lightning.callbacks.process_reward` adapts it to training.
+Free of Lightning; :mod:`pathvlm_lightning.callbacks.rewards` (``ProcessReward``) adapts it to training.
 """
 
 from pathvlm_lightning.rewards.judge.attempt import retry_after_seconds
@@ -16,7 +16,7 @@ from pathvlm_lightning.rewards.judge.parse import (
     fallback_scores,
     parse_reply,
 )
-from pathvlm_lightning.rewards.judge.request import RUBRIC, RUBRIC_VERSION, JudgeItem, build_messages
+from pathvlm_lightning.rewards.judge.request import RUBRIC, RUBRIC_VERSION, JudgeItem, build_judge_messages
 
 __all__ = [
     "FAULTS",
@@ -32,7 +32,7 @@ __all__ = [
     "JudgeResult",
     "JudgeScores",
     "UnparseableReply",
-    "build_messages",
+    "build_judge_messages",
     "cache_key",
     "fallback_scores",
     "parse_reply",

@@ -35,7 +35,7 @@ from pathvlm_lightning.rewards.judge.parse import JudgeScores, fallback_scores
 from pathvlm_lightning.rewards.judge.request import (
     RUBRIC_VERSION,
     JudgeItem,
-    build_messages,
+    build_judge_messages,
     image_data_url,
     question_block,
 )
@@ -203,7 +203,7 @@ class JudgeClient:
     def _request_kwargs(self, item: JudgeItem, image_url: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.config.model,
-            "messages": build_messages(item, image_url),
+            "messages": build_judge_messages(item, image_url),
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
         }

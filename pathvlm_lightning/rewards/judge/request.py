@@ -11,12 +11,11 @@ import base64
 import hashlib
 import html
 import io
-import re
 from dataclasses import dataclass
 
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.rewards.accuracy import accuracy_reward
-from pathvlm_lightning.rewards.answer import extract_answer
+from pathvlm_lightning.rewards.completion import ParsedCompletion, as_parsed
 
 RUBRIC = """\
 You grade the reasoning of a model that answered a multiple-choice question about a pathology \
@@ -65,36 +64,31 @@ RUBRIC_VERSION = hashlib.sha256((RUBRIC + _USER_TEMPLATE).encode()).hexdigest()[
 """Changes whenever the wording changes, so cached scores of an older rubric are not reused (the
 "no claim, no credit" rule of issue 20 changed it)."""
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class JudgeItem:
-    """One completion to judge. ``predicted`` is the answer as the model gave it (``"B) text"``),
-    ``correct`` whether it is right: it picks the fallback score when the judge gives none."""
+    """One completion to judge. ``completion`` is the whole text (part of the cache key),
+    ``reasoning`` what the judge grades (the parse's, :mod:`pathvlm_lightning.rewards.completion`),
+    ``predicted`` the answer as the model gave it (``"B) text"``), ``correct`` whether it is right:
+    it picks the fallback score when the judge gives none."""
 
     record: VQARecord
     completion: str
+    reasoning: str
     predicted: str
     correct: bool
 
     @classmethod
-    def of(cls, record: VQARecord, completion: str) -> JudgeItem:
-        """The item for ``completion``, its answer read and checked as the accuracy reward does."""
-        raw = extract_answer(completion, record.options).raw
+    def of(cls, record: VQARecord, completion: str | ParsedCompletion) -> JudgeItem:
+        """The item for ``completion`` (parsed; a string is parsed first), its answer checked as the
+        accuracy reward does."""
+        parsed = as_parsed(completion, record.options)
+        raw = parsed.answer.raw
         predicted = raw.strip() if raw and raw.strip() else "(no answer given)"
-        correct = accuracy_reward(completion, record.answer, record.options) == 1.0
-        return cls(record=record, completion=completion, predicted=predicted, correct=correct)
-
-
-def reasoning_of(completion: str) -> str:
-    """The text inside ``<think>`` (all such blocks), or the whole completion when there is none.
-
-    >>> reasoning_of("<think>Nuclei are large.</think><answer>B) x</answer>")
-    'Nuclei are large.'
-    """
-    blocks = _THINK.findall(completion)
-    return "\n".join(b.strip() for b in blocks) if blocks else completion.strip()
+        correct = accuracy_reward(parsed, record.answer, record.options) == 1.0
+        return cls(
+            record=record, completion=parsed.text, reasoning=parsed.reasoning, predicted=predicted, correct=correct
+        )
 
 
 def quote(text: str) -> str:
@@ -136,12 +130,12 @@ def image_data_url(data: bytes, source: str = "image") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def build_messages(item: JudgeItem, image_url: str) -> list[dict]:
+def build_judge_messages(item: JudgeItem, image_url: str) -> list[dict]:
     """Chat messages for one completion: the rubric as system prompt, then the image and the text."""
     text = _USER_TEMPLATE.format(
         question=quote(question_block(item.record)),
         reference=quote(item.record.reference),
-        reasoning=quote(reasoning_of(item.completion)),
+        reasoning=quote(item.reasoning),
         predicted=quote(item.predicted),
     )
     return [

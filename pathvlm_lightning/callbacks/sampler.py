@@ -1,4 +1,4 @@
-"""Sampling of G completions per prompt: the first link of the GRPO chain."""
+"""The rollout's sampler: G completions per prompt, returned as the step's first stage (:class:`Samples`)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ import torch
 from lightning.pytorch import Callback
 from typing_extensions import override
 
-from pathvlm_lightning.grpo.rollout import Rollout
 from pathvlm_lightning.backbone.decoding import decode_completions
+from pathvlm_lightning.grpo.stages import Samples
 
 
 class RolloutCallback(Callback):
     """Generates ``num_generations`` completions for every prompt of a batch in one batched call.
 
-    The GRPO module calls :meth:`generate` at the start of each training step (the chain
-    rollout -> rewards -> advantages -> reference is run by the module, never by hook order).
-    Generation goes through ``Backbone.generate_with_logprobs``: each prompt is pre-filled once for its
+    The GRPO module calls :meth:`generate` at the start of each training step; the step then runs
+    every reward's ``begin``, the reference pass, every reward's ``score`` and the advantages, in
+    that order, by the module, never by hook order (``grpo/stages.py``). Each completion is decoded
+    and parsed once here (``Samples.parsed``); every reward reads that parse. Generation goes through ``Backbone.generate_with_logprobs``: each prompt is pre-filled once for its
     G completions, vision special tokens are never sampled, and the log-prob of every sampled token is
-    kept (``Rollout.sampler_logprobs``) for ``rollout/sampler_kl``.
+    kept (``Samples.sampler_logprobs``) for ``rollout/sampler_kl``.
 
     Args:
         num_generations: G, completions per prompt (the paper uses 4).
@@ -58,7 +59,7 @@ class RolloutCallback(Callback):
         self.min_new_tokens = min_new_tokens
 
     @torch.no_grad()
-    def generate(self, pl_module: Any, batch: dict) -> Rollout:
+    def generate(self, pl_module: Any, batch: dict) -> Samples:
         backbone = pl_module.backbone
         start = time.perf_counter()
         generated = backbone.generate_with_logprobs(
@@ -73,13 +74,13 @@ class RolloutCallback(Callback):
         seconds = time.perf_counter() - start
         completion_ids = generated.ids
         mask, truncated = backbone.completion_mask(completion_ids)  # [B*G, L], [B*G]
-        return Rollout(
-            records=list(batch["records"]),
+        return Samples.of(
+            records=batch["records"],
             prompt_inputs=batch["prompt_inputs"],
             completion_ids=completion_ids,
             completion_mask=mask,
-            completion_texts=decode_completions(backbone.processor, completion_ids, mask),
             truncated=truncated,
+            texts=decode_completions(backbone.processor, completion_ids, mask),
             group_size=self.num_generations,
             temperature=self.temperature,
             generation_seconds=seconds,
