@@ -1,4 +1,4 @@
-"""Lightning callbacks: the GRPO chain (rollout, rewards, reference), export and progress lines."""
+"""Lightning callbacks: the GRPO parts GRPOModule is given (rollout, rewards, reference), export and progress lines."""
 
 from pathvlm_lightning.callbacks.export import ExportCallback
 from pathvlm_lightning.callbacks.process_reward import ProcessReward, RubricProcessReward

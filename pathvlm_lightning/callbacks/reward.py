@@ -1,8 +1,9 @@
 """Base class of every reward callback: a thin adapter from a rollout to one score per completion.
 
-The GRPO module finds reward callbacks among ``trainer.callbacks`` and calls them itself, in a fixed
-order (rollout -> ``begin`` on every reward -> reference forward -> ``score`` on every reward), so
-the order they are listed in YAML never matters. ``begin`` lets a slow reward (an HTTP judge) start
+Rewards are parts of ``GRPOModule`` (the list ``model.init_args.rewards``); the module hands them to
+Lightning and calls them itself, in a fixed order (rollout -> ``begin`` on every reward -> reference
+forward -> ``score`` on every reward, rewards in the order of their names), so the order they are
+listed in YAML never matters. ``begin`` lets a slow reward (an HTTP judge) start
 its work before the reference forward and collect it in ``score``.
 """
 
@@ -16,11 +17,12 @@ import torch
 from lightning.pytorch import Callback
 from typing_extensions import override
 
+from pathvlm_lightning.callbacks.settings import RecordsArguments
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.rollout import Rollout
 
 
-class RewardCallback(Callback):
+class RewardCallback(RecordsArguments, Callback):
     """Scores completions. Subclasses implement ``score_text`` (pure, per completion) or override
     ``score`` (whole rollout). A NaN score means "abstain": the completion is ignored by this reward
     when advantages are computed. The module calls :meth:`checked_score`, so a score of another
