@@ -107,6 +107,8 @@ def check_flag(arg: str, value: str | None) -> None:
     if not arg.startswith(_FLAG):
         return
     key, equals, inline = arg.partition("=")
+    if key.endswith(".help"):  # --trainer.callbacks.help <class>: jsonargparse's help for any callback class
+        return
     given = inline if equals else value
     if key.startswith(f"{_FLAG}.init_args."):
         name = key[len(f"{_FLAG}.init_args."):].split(".", 1)[0]

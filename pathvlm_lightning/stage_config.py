@@ -62,6 +62,25 @@ def start_model(config: Mapping[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
+#: ``model.init_args`` keys of a GRPO stage's parts (GRPOModule's rollout, rewards and reference)
+PART_KEYS = ("rollout", "rewards", "reference")
+
+
+def grpo_parts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The GRPO parts a resolved config sets: ``model.init_args`` key -> its ``class_path`` node (a list
+    of them for ``rewards``); keys that are unset or null are left out (an SFT stage has none)."""
+    module = init_args(config.get("model"))
+    return {key: module[key] for key in PART_KEYS if module.get(key)}
+
+
+def part_nodes(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every GRPO part of a resolved config as one list of ``class_path`` nodes (rollout, rewards, reference)."""
+    nodes: list[Mapping[str, Any]] = []
+    for value in grpo_parts(config).values():
+        nodes += [n for n in (value if isinstance(value, list) else [value]) if isinstance(n, Mapping)]
+    return nodes
+
+
 def callbacks(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """``trainer.callbacks`` as a list of ``class_path`` nodes (a single node or none is allowed)."""
     listed = (config.get("trainer") or {}).get("callbacks") or []
