@@ -26,6 +26,8 @@ def read_stage_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
     from omegaconf.errors import OmegaConfBaseException
 
     from pathvlm_lightning.cli import ConfigBaseError, parse_config
+    from pathvlm_lightning.grpo.losses.legacy import LegacyLossConfigError
+    from pathvlm_lightning.legacy_parts import LegacyPartsConfigError
 
     if not Path(path).is_file():
         raise StageConfigError(f"{path}: no such stage config")
@@ -39,6 +41,8 @@ def read_stage_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
         config = parse_config(["--config", str(path), *overrides])
     except (ArgumentError, ConfigBaseError, OmegaConfBaseException) as error:
         raise StageConfigError(f"{path}: not a valid stage config: {error}") from None
+    except (LegacyLossConfigError, LegacyPartsConfigError) as error:  # an older layout: the message shows the new one
+        raise StageConfigError(str(error)) from None
     if not isinstance(config.get("model"), Mapping):
         raise StageConfigError(f"{path}: not a stage config (it and its bases set no 'model' section)")
     return config
