@@ -64,8 +64,8 @@ CASES = {
     "num-iterations": (dict(num_iterations=0), r"num_iterations must be an integer >= 1, got 0"),
     "grad-norm": (dict(max_grad_norm=0.0), r"max_grad_norm must be > 0 or null, got 0.0"),
     "micro-batch": (dict(micro_batch_size=0), r"micro_batch_size counts completions .* got 0"),
-    "micro-batch-vs-G": (dict(micro_batch_size=6), r"micro_batch_size=6 must be a multiple of the rollout's num_generations=4 .*\(e.g. 4 or 8\)"),
-    "beta-without-reference": (dict(reference=None), r"(?s)beta=0.04 weighs a KL term .* reference is null.*class_path: pathvlm_lightning.callbacks.ReferenceModelCallback"),
+    "micro-batch-vs-G": (dict(micro_batch_size=6), r"micro_batch_size=6 must be a multiple of the rollout's num_generations=4, .*\(e.g. 4 or 8\)"),
+    "beta-without-reference": (dict(reference=None), r"(?s)beta=0.04 weighs a KL term .*model.init_args.reference is null.*class_path: pathvlm_lightning.callbacks.ReferenceModelCallback"),
     "reference-without-beta": (dict(loss=GRPOLoss(beta=0.0)), r"beta is 0, so no reference model is used, .* Set model.init_args.reference: null"),
     "dr_grpo-length": (dict(reference=None, loss=_bound_dr_grpo()), r"dr_grpo loss divides by max_completion_length=64, .* max_new_tokens=8"),
 }  # fmt: skip
@@ -73,7 +73,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_bad_setting_stops_the_module_with_its_message(backbone: Backbone, case: str) -> None:
-    changes, message = CASES[case]
+    changes, message = dict(CASES[case][0]), CASES[case][1]
     module_args = {k: changes.pop(k) for k in list(changes) if k not in ("rollout", "rewards", "reference", "loss")}
     with pytest.raises(ValueError, match=message):
         GRPOModule(backbone, **_parts(**changes), **module_args)
@@ -102,10 +102,10 @@ def test_hyperparameters_name_the_whole_objective_from_python_and_from_yaml(
     monkeypatch.setenv("JUDGE_KEY_FOR_TEST", canary)
     monkeypatch.chdir(tmp_path)
     cli = main([
-        "fit", "--config", str(REPO / "configs/demo/grpo_process.yaml"),
+        "--config", str(REPO / "configs/demo/grpo_process.yaml"),
         "--model.init_args.backbone.init_args.model=embedded-tiny",
-        "--model.init_args.rewards.class_path=pathvlm_lightning.callbacks.ProcessReward",
-        "--model.init_args.rewards.init_args.judge.api_key_env=JUDGE_KEY_FOR_TEST", *SMALL_DATA,
+        "--model.init_args.rewards.class_path", "pathvlm_lightning.callbacks.ProcessReward",  # swaps the last reward
+        "--model.init_args.rewards.init_args.judge.api_key_env", "JUDGE_KEY_FOR_TEST", *SMALL_DATA,
     ], run=False)  # fmt: skip
     saved = cli.model.hparams
     assert saved["rollout"] == {

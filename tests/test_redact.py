@@ -111,7 +111,7 @@ def test_a_variable_named_in_a_yaml_is_masked_too(tmp_path: Path, monkeypatch: p
     overlay = tmp_path / "judge.yaml"
     overlay.write_text(
         "model:\n  init_args:\n    rewards+:\n      - class_path: pathvlm_lightning.callbacks.ProcessReward\n"
-        "        init_args:\n          judge:\n            api_key_env: JUDGE_VAR\n"
+        "        init_args:\n          name: judge\n          judge:\n            api_key_env: JUDGE_VAR\n"
     )
     target = io.StringIO()
     monkeypatch.setattr(sys, "stderr", RedactingStream(target, secrets_from([])))
