@@ -58,8 +58,17 @@ def main() -> None:
         share_prompts=settings.share_prompts,
         gradient_checkpointing=settings.gradient_checkpointing,
     )
+    rollout = RolloutCallback(
+        num_generations=settings.num_generations,
+        max_new_tokens=settings.completion_length,
+        min_new_tokens=settings.completion_length,
+        temperature=settings.temperature,
+    )
     module = GRPOModule(
         backbone,
+        rollout,
+        [FormatReward(), AccuracyReward()],
+        ReferenceModelCallback() if settings.beta > 0 else None,
         optimizer=partial(torch.optim.AdamW, lr=settings.learning_rate, weight_decay=0.0),
         loss=GRPOLoss(
             aggregation=settings.loss_type, beta=settings.beta, epsilon_low=settings.epsilon, epsilon_high=settings.epsilon
@@ -71,18 +80,7 @@ def main() -> None:
         log_completions_every_n_steps=0,
     )
     lockstep = _LockstepCallback(gate)
-    callbacks = [
-        RolloutCallback(
-            num_generations=settings.num_generations,
-            max_new_tokens=settings.completion_length,
-            min_new_tokens=settings.completion_length,
-            temperature=settings.temperature,
-        ),
-        FormatReward(),
-        AccuracyReward(),
-        ReferenceModelCallback(),
-        lockstep,
-    ]
+    callbacks = [lockstep]  # the rollout, rewards and reference are the module's
     loader = DataLoader(
         RecordDataset(read_records(settings.records_path)),
         batch_size=settings.prompts_per_step,

@@ -172,17 +172,20 @@ def run_setting(mode: str, group: int, folder: Path, records: Path, args: argpar
     dataset = RecordDataset(read_records(records))
     collate = PromptCollator(backbone.processor)
     prompt = collate([dataset[0]])["prompt_inputs"]
+    rollout = RolloutCallback(num_generations=group, max_new_tokens=args.completion_length,
+                              min_new_tokens=args.completion_length)
+    reference = ReferenceModelCallback()
     module = GRPOModule(
         backbone,
+        rollout,
+        [FormatReward(), AccuracyReward()],
+        reference,
         optimizer=partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0),
         loss=GRPOLoss(aggregation="grpo", beta=0.04),
         skip_zero_advantage_steps=False,  # a random model's rewards rarely vary: measure the full step
         log_completions_every_n_steps=0,
     )
     clock = PhaseClock(device, args.warmup)
-    rollout = RolloutCallback(num_generations=group, max_new_tokens=args.completion_length,
-                              min_new_tokens=args.completion_length)
-    reference = ReferenceModelCallback()
     clock.wrap(rollout, "generate", "generation")
     clock.wrap(reference, "reference_logprobs", "reference")
     clock.wrap(backbone, "token_logprobs", "policy_forward")
@@ -195,7 +198,7 @@ def run_setting(mode: str, group: int, folder: Path, records: Path, args: argpar
         accelerator="gpu" if cuda else "cpu",
         devices=1,
         precision="bf16-true" if cuda else "32-true",
-        callbacks=[forced, rollout, FormatReward(), AccuracyReward(), reference, clock],
+        callbacks=[forced, clock],  # the rollout, rewards and reference are the module's
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

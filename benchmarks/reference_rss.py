@@ -70,7 +70,7 @@ def worker(variant: str, model: str, out: Path) -> None:
         """The reference as it was built before: a full deep copy on every rank, then sharded."""
 
         def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-            self._reference = pl_module.backbone.build_frozen_copy()
+            self._reference = self.policy.build_frozen_copy()
             self._reference.apply_fully_shard(trainer.strategy.device_mesh["data_parallel"])
             for unit in fsdp_units(self._reference):
                 unit.set_reshard_after_forward(True, recurse=False)
@@ -84,14 +84,13 @@ def worker(variant: str, model: str, out: Path) -> None:
     backbone = Backbone(model=model)
     weights_mib = sum(p.numel() * 4 for p in backbone.parameters()) / 2**20
     beta = 0.0 if variant == "policy" else 0.04
-    module = GRPOModule(backbone, optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), loss=GRPOLoss(beta=beta),
-                        log_completions_every_n_steps=0)
-    start = TrainStart()
-    callbacks: list[pl.Callback] = [RolloutCallback(num_generations=4, max_new_tokens=8), LengthReward(), start]
     reference = {"policy": None, "reference": ReferenceModelCallback(),
                  "reference_host_copy": HostCopyReference()}[variant]
-    if reference is not None:
-        callbacks.append(reference)
+    module = GRPOModule(backbone, RolloutCallback(num_generations=4, max_new_tokens=8), [LengthReward()], reference,
+                        optimizer=lambda p: torch.optim.SGD(p, lr=1e-3), loss=GRPOLoss(beta=beta),
+                        log_completions_every_n_steps=0)
+    start = TrainStart()
+    callbacks: list[pl.Callback] = [start]
     processes = int(os.environ["WORLD_SIZE"])
     trainer = pl.Trainer(
         accelerator="cpu", devices=processes, max_steps=2, logger=False, enable_checkpointing=False,

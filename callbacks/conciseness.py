@@ -4,10 +4,14 @@ Why: the paper reports that GRPO shortened outputs (base model 210 tokens on ave
 format + accuracy model 80) without losing accuracy. This reward asks for that directly. It pays
 nothing for a wrong answer, so the policy cannot buy reward by answering briefly and badly.
 
-Use it from the repository root by adding to ``trainer.callbacks``::
+Use it from the repository root by adding it to the module's rewards (``rewards+`` appends to the
+base config's list)::
 
-    - class_path: callbacks.conciseness.ConcisenessReward
-      init_args: {weight: 0.5, target_words: 60, max_words: 160}
+    model:
+      init_args:
+        rewards+:
+          - class_path: callbacks.conciseness.ConcisenessReward
+            init_args: {weight: 0.5, target_words: 60, max_words: 160}
 """
 
 from __future__ import annotations

@@ -25,10 +25,14 @@ def run(argv: list[str] | None = None) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from pathvlm_lightning.cli import ConfigBaseError, main
+    from pathvlm_lightning.grpo.losses.legacy import LegacyLossConfigError
+    from pathvlm_lightning.legacy_parts import LegacyPartsConfigError
 
     try:
         main(argv)
     except (ConfigBaseError, OmegaConfBaseException) as error:  # a base or a ${...} that cannot be resolved
+        sys.exit(f"error: {error}")
+    except (LegacyLossConfigError, LegacyPartsConfigError) as error:  # a config in an older layout: the new one
         sys.exit(f"error: {error}")
 
 

@@ -30,6 +30,7 @@ from pathvlm_lightning.callbacks.export import ExportCallback
 from pathvlm_lightning.callbacks.progress import EpochProgressBar, ProgressLog
 from pathvlm_lightning.checkpoint_io import use_atomic_checkpoints
 from pathvlm_lightning.checkpoint_sharded import use_atomic_folders
+from pathvlm_lightning import legacy_parts
 from pathvlm_lightning.grpo.losses import legacy
 from pathvlm_lightning.logs import configure_logging, pop_log_level
 from pathvlm_lightning.redact import add_secrets, secrets_in_config
@@ -128,7 +129,9 @@ def expand_bases(args: list[str]) -> list[str]:
         if args[i].startswith("--config="):
             out += _spent(_with_bases(args[i].split("=", 1)[1], ()))
         else:
-            legacy.check_flag(args[i], args[i + 1] if i + 1 < len(args) else None)
+            following = args[i + 1] if i + 1 < len(args) else None
+            legacy.check_flag(args[i], following)
+            legacy_parts.check_flag(args[i], following)
             out.append(args[i])
         i += 1
     return out
@@ -147,6 +150,7 @@ def _with_bases(path: str, chain: tuple[Path, ...]) -> list[str]:
     except (yaml.YAMLError, UnicodeDecodeError):
         raw = None  # jsonargparse reads it next and reports the error with the file's name
     legacy.check_config(raw, path)
+    legacy_parts.check_config(raw, path)
     bases = raw.get("base") if isinstance(raw, dict) else None
     if bases is None:
         return ["--config", path]

@@ -26,6 +26,8 @@ def read_stage_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
     from omegaconf.errors import OmegaConfBaseException
 
     from pathvlm_lightning.cli import ConfigBaseError, parse_config
+    from pathvlm_lightning.grpo.losses.legacy import LegacyLossConfigError
+    from pathvlm_lightning.legacy_parts import LegacyPartsConfigError
 
     if not Path(path).is_file():
         raise StageConfigError(f"{path}: no such stage config")
@@ -39,6 +41,8 @@ def read_stage_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
         config = parse_config(["--config", str(path), *overrides])
     except (ArgumentError, ConfigBaseError, OmegaConfBaseException) as error:
         raise StageConfigError(f"{path}: not a valid stage config: {error}") from None
+    except (LegacyLossConfigError, LegacyPartsConfigError) as error:  # an older layout: the message shows the new one
+        raise StageConfigError(str(error)) from None
     if not isinstance(config.get("model"), Mapping):
         raise StageConfigError(f"{path}: not a stage config (it and its bases set no 'model' section)")
     return config
@@ -60,6 +64,25 @@ def start_model(config: Mapping[str, Any]) -> str | None:
     """``model.init_args.backbone.init_args.model``: the folder or name the stage starts from."""
     value = init_args(init_args(config.get("model")).get("backbone")).get("model")
     return None if value is None else str(value)
+
+
+#: ``model.init_args`` keys of a GRPO stage's parts (GRPOModule's rollout, rewards and reference)
+PART_KEYS = ("rollout", "rewards", "reference")
+
+
+def grpo_parts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The GRPO parts a resolved config sets: ``model.init_args`` key -> its ``class_path`` node (a list
+    of them for ``rewards``); keys that are unset or null are left out (an SFT stage has none)."""
+    module = init_args(config.get("model"))
+    return {key: module[key] for key in PART_KEYS if module.get(key)}
+
+
+def part_nodes(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every GRPO part of a resolved config as one list of ``class_path`` nodes (rollout, rewards, reference)."""
+    nodes: list[Mapping[str, Any]] = []
+    for value in grpo_parts(config).values():
+        nodes += [n for n in (value if isinstance(value, list) else [value]) if isinstance(n, Mapping)]
+    return nodes
 
 
 def callbacks(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:

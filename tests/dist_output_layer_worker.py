@@ -189,12 +189,13 @@ def run_fit(data_dir: Path, processes: int) -> dict[str, Any]:
     process in slices of one group (``micro_batch_size`` = G); SGD, so weights move by lr x gradient."""
     pl.seed_everything(0)
     backbone = Backbone()
-    module = GRPOModule(
-        backbone, optimizer=partial(torch.optim.SGD, lr=0.1), loss=GRPOLoss(beta=0.04), micro_batch_size=NUM_GENERATIONS
-    )
     reference = ReferenceModelCallback()
+    module = GRPOModule(
+        backbone, FixedRollout(), [FormatReward(), AccuracyReward()], reference, optimizer=partial(torch.optim.SGD, lr=0.1),
+        loss=GRPOLoss(beta=0.04), micro_batch_size=NUM_GENERATIONS,
+    )  # fmt: skip
     losses = LossRecorder()
-    callbacks: list[pl.Callback] = [FixedRollout(), FormatReward(), AccuracyReward(), reference, losses]
+    callbacks: list[pl.Callback] = [losses]
     if processes > 1:
         counter = GatherCounter(reference)
         callbacks.append(counter)

@@ -118,8 +118,9 @@ def grpo_batch_scaled(name: str, strategy: str, batch_size: int, data_dir: Path,
     """GRPO with ``scale_rewards: batch`` (global std), dapo, and micro-batches of one group."""
     pl.seed_everything(0)
     module = GRPOModule(
-        Backbone(), optimizer=_sgd, loss=GRPOLoss(aggregation="dapo", beta=0.0), scale_rewards="batch", micro_batch_size=4
-    )
+        Backbone(), FixedRollout(), [FormatReward(), AccuracyReward(), RecordReward()], optimizer=_sgd,
+        loss=GRPOLoss(aggregation="dapo", beta=0.0), scale_rewards="batch", micro_batch_size=4,
+    )  # fmt: skip
     advantages: dict[str, list[float]] = {}
     local_stds: list[float] = []
     make_rollout = module.make_rollout
@@ -133,8 +134,7 @@ def grpo_batch_scaled(name: str, strategy: str, batch_size: int, data_dir: Path,
 
     module.make_rollout = recording
     recorder = StepRecorder()
-    callbacks = [FixedRollout(), FormatReward(), AccuracyReward(), RecordReward(), recorder]
-    trainer = _trainer(strategy, callbacks)
+    trainer = _trainer(strategy, [recorder])
     initial = _trainable_weights(module.backbone)
     trainer.fit(module, datamodule=_data(_records(data_dir), data_dir, batch_size, module))
     _save(name, out_dir, trainer, initial, module.backbone)
@@ -206,11 +206,11 @@ class _ForwardDtypes(pl.Callback):
 def fsdp2_bf16(name: str, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """GRPO, full fine-tuning with a sharded reference, FSDP2 under ``bf16-mixed``."""
     pl.seed_everything(0)
-    module = GRPOModule(Backbone(), optimizer=_sgd, loss=GRPOLoss(beta=0.04))
     reference = ReferenceModelCallback()
+    module = GRPOModule(Backbone(), FixedRollout(), [FormatReward(), AccuracyReward()], reference, optimizer=_sgd,
+                        loss=GRPOLoss(beta=0.04))
     dtypes = _ForwardDtypes(reference)
-    trainer = _trainer("fsdp2", [FixedRollout(), FormatReward(), AccuracyReward(), reference, dtypes], 1,
-                       precision="bf16-mixed")
+    trainer = _trainer("fsdp2", [dtypes], 1, precision="bf16-mixed")
     with collective_dtypes() as collectives:
         trainer.fit(module, datamodule=_data(_records(data_dir), data_dir, 1, module))
     local = sum(p.to_local().numel() for p in reference._reference.parameters())
@@ -231,10 +231,11 @@ def fsdp2_reference_resume(name: str, data_dir: Path, out_dir: Path) -> dict[str
     fits: list[tuple[GRPOModule, ReferenceModelCallback]] = []
     for max_steps, ckpt_path in ((2, None), (3, ckpt_dir / "step=2.ckpt")):
         pl.seed_everything(0)
-        module = GRPOModule(Backbone(), optimizer=_sgd, loss=GRPOLoss(beta=0.04))
         reference = ReferenceModelCallback()
+        module = GRPOModule(Backbone(), FixedRollout(), [FormatReward(), AccuracyReward()], reference, optimizer=_sgd,
+                            loss=GRPOLoss(beta=0.04))
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-        callbacks = [FixedRollout(), FormatReward(), AccuracyReward(), reference, checkpoint]
+        callbacks = [checkpoint]
         trainer = _trainer("fsdp2", callbacks, max_steps, enable_checkpointing=True)
         trainer.fit(module, datamodule=_data(path, data_dir, 1, module), ckpt_path=ckpt_path)
         fits.append((module, reference))

@@ -126,8 +126,7 @@ class FixedRollout(RolloutCallback):
         super().__init__(num_generations=NUM_GENERATIONS, max_new_tokens=64)
         self.token_counts: list[int] = []
 
-    def generate(self, pl_module: Any, batch: dict) -> Samples:
-        backbone = pl_module.backbone
+    def generate(self, backbone: Any, batch: dict) -> Samples:
         tokenizer = backbone.processor.tokenizer
         eos = backbone.eos_token_ids[0]
         rows = [
@@ -138,7 +137,7 @@ class FixedRollout(RolloutCallback):
         ids = torch.full((len(rows), max(map(len, rows))), backbone.pad_token_id)  # [B*G, L]
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
-        ids = ids.to(pl_module.device)
+        ids = ids.to(batch["prompt_inputs"]["input_ids"].device)
         mask, truncated = backbone.completion_mask(ids)  # [B*G, L], [B*G]
         self.token_counts.append(int(mask.sum()))
         return Samples.of(
@@ -217,10 +216,13 @@ def run_scenario(name: str, scenario: Scenario, data_dir: Path, out_dir: Path) -
         module: Any = SFTModule(backbone, optimizer=optimizer)
         callbacks: list[pl.Callback] = []
     else:
-        module = GRPOModule(backbone, optimizer=optimizer, loss=GRPOLoss(aggregation=scenario.loss_type, beta=scenario.beta))
-        callbacks = [FixedRollout(), FormatReward(), AccuracyReward()]
-        if scenario.beta > 0:  # a synced frozen copy with full fine-tuning; LoRA's is the adapter-free base
-            callbacks.append(ReferenceModelCallback(sync_every_n_steps=None if scenario.lora else 1))
+        # a synced frozen copy with full fine-tuning; LoRA's is the adapter-free base
+        reference = ReferenceModelCallback(sync_every_n_steps=None if scenario.lora else 1) if scenario.beta > 0 else None
+        module = GRPOModule(
+            backbone, FixedRollout(), [FormatReward(), AccuracyReward()], reference, optimizer=optimizer,
+            loss=GRPOLoss(aggregation=scenario.loss_type, beta=scenario.beta),
+        )  # fmt: skip
+        callbacks = []
     recorder = StepRecorder()
     callbacks.append(recorder)
     if scenario.export:
@@ -255,10 +257,10 @@ def run_scenario(name: str, scenario: Scenario, data_dir: Path, out_dir: Path) -
         "grad_norms": recorder.grad_norms,
         "record_ids": recorder.record_ids,
     }
-    rollout = next((c for c in callbacks if isinstance(c, FixedRollout)), None)
+    rollout = getattr(module, "rollout", None)  # GRPO only
     if rollout is not None:
         record["token_counts"] = rollout.token_counts
-    reference = next((c for c in callbacks if isinstance(c, ReferenceModelCallback)), None)
+    reference = getattr(module, "reference", None)
     if reference is not None and not reference.uses_adapters:
         record.update(_reference_round_trip(reference))
     if compared:

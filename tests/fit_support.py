@@ -15,7 +15,9 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pathvlm_lightning.callbacks.reference import ReferenceModelCallback
 from pathvlm_lightning.callbacks.rewards import RewardCallback
+from pathvlm_lightning.callbacks.sampler import RolloutCallback
 from pathvlm_lightning.data.datamodule import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.data.synthetic import generate_dataset
@@ -54,6 +56,24 @@ def make_datamodule(
         seed=seed,
         **kwargs,
     )
+
+
+def split_parts(callbacks: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+    """``callbacks`` sorted out for a test: the GRPO parts as ``GRPOModule`` keyword arguments
+    (``rollout``, ``rewards``, ``reference``; the rollout None when there is none, so the module's
+    check says so) and every other callback, for the trainer."""
+    parts: dict[str, Any] = {"rollout": None, "rewards": [], "reference": None}
+    others = []
+    for callback in callbacks:
+        if isinstance(callback, RolloutCallback):
+            parts["rollout"] = callback
+        elif isinstance(callback, RewardCallback):
+            parts["rewards"].append(callback)
+        elif isinstance(callback, ReferenceModelCallback):
+            parts["reference"] = callback
+        else:
+            others.append(callback)
+    return parts, others
 
 
 def trainer_kwargs(root: Path, max_steps: int = 2, **overrides: Any) -> dict[str, Any]:
@@ -127,7 +147,7 @@ def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 class LengthReward(RewardCallback):
     """A tenth of the completion's character count: random completions differ, so GRPO steps train
-    (``--trainer.callbacks+=tests.fit_support.LengthReward`` in a CLI test)."""
+    (``--model.init_args.rewards+=tests.fit_support.LengthReward`` in a CLI test)."""
 
     default_name = "length"
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 
-from pathvlm_lightning.callbacks import ReferenceModelCallback
 from pathvlm_lightning.cli import ConfigBaseError, expand_bases, main, parse_config
 from pathvlm_lightning.grpo.losses.legacy import LegacyLossConfigError
 
@@ -117,7 +116,7 @@ def _outputs(config: dict) -> dict[str, str]:
     trainer = config["trainer"]
     outputs = {"default_root_dir": trainer["default_root_dir"], "predictions": config["model"]["init_args"]["predictions_path"]}
     outputs["tensorboard"] = trainer["logger"]["init_args"]["save_dir"]
-    for callback in trainer["callbacks"]:
+    for callback in [*trainer["callbacks"], *(config["model"]["init_args"].get("rewards") or [])]:
         args = callback.get("init_args") or {}
         name = callback["class_path"].rsplit(".", 1)[1]
         if "dirpath" in args:
@@ -209,7 +208,8 @@ def test_demo_pipeline_runs_through_the_cli(tmp_path: Path, monkeypatch: pytest.
     assert grpo.datamodule.hparams.batch_kind == "prompt" and grpo.datamodule.hparams.train_split == "rl"
     assert (tmp_path / "runs/demo/grpo/export/config.json").exists()
     # GRPO started from the SFT result: its frozen reference copy holds the SFT model's final weights
-    (reference,) = [c for c in grpo.trainer.callbacks if isinstance(c, ReferenceModelCallback)]
+    reference = grpo.model.reference
+    assert any(reference is c for c in grpo.trainer.callbacks)  # the module handed it to Lightning
     sft_weights = dict(sft.model.backbone.hf_model.named_parameters())
     reference_weights = dict(reference._reference.hf_model.named_parameters())
     assert sft_weights.keys() == reference_weights.keys()

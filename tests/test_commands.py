@@ -190,8 +190,8 @@ def test_the_readme_infer_example_runs_as_written(tmp_path, capsys, monkeypatch)
 
 
 def test_model_card_of_a_grpo_stage_lists_its_settings_and_no_secrets():
-    config = read_stage_yaml(REPO / "configs" / "demo" / "grpo_process.yaml")  # resolved: its base's callbacks too
-    config["trainer"]["callbacks"].append(
+    config = read_stage_yaml(REPO / "configs" / "demo" / "grpo_process.yaml")  # resolved: its base's parts too
+    config["model"]["init_args"]["rewards"].append(
         {
             "class_path": "pathvlm_lightning.callbacks.ProcessReward",
             "init_args": {
@@ -209,7 +209,8 @@ def test_model_card_of_a_grpo_stage_lists_its_settings_and_no_secrets():
     for row in ("| module | GRPOModule |", "| lr | 0.0001 |", "| loss | GRPOLoss |", "| aggregation | grpo |", "| beta | 0.04 |",
                 "| num_generations | 8 |", "| max_new_tokens | 64 |"):  # fmt: skip
         assert row in card
-    assert "RubricProcessReward (weight 1.0), ProcessReward (weight 0.5)" in card
+    assert "| rewards | FormatReward (weight 1.0), AccuracyReward (weight 1.0), RubricProcessReward (weight 1.0), ProcessReward (weight 0.5) |" in card
+    assert "| reference | frozen start |" in card
     assert "No evaluation report was given for this stage." in card  # the report has no such stage
     assert len(card.splitlines()) < 50
 

@@ -130,12 +130,14 @@ def test_grpo_fit_trains_the_language_model_and_keeps_the_vision_tower(model, tm
     pl.seed_everything(0)
     module = GRPOModule(
         Backbone(model),
+        rollout_callback(),
+        [LengthReward()],
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         loss=GRPOLoss(beta=0.0),
         log_completions_every_n_steps=0,
     )
     before = parameters(module.backbone)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[rollout_callback(), LengthReward()]))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2))
     trainer.fit(module, datamodule=make_datamodule(tmp_path, module.backbone.processor, "prompt"))
     after = parameters(module.backbone)
     changed = {n for n in after if not torch.equal(after[n], before[n])}

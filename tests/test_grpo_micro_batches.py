@@ -51,6 +51,9 @@ def fit(root: Path, loss: str, micro_batch_size: int | None) -> tuple[GradientRe
     pl.seed_everything(0)
     module = GRPOModule(
         Backbone("embedded-tiny", seed=0),
+        rollout_callback(),
+        [LengthReward()],
+        ReferenceModelCallback(),
         optimizer=functools.partial(torch.optim.SGD, lr=LR),
         loss=LOSSES[loss](),
         num_iterations=2,
@@ -60,8 +63,7 @@ def fit(root: Path, loss: str, micro_batch_size: int | None) -> tuple[GradientRe
         eval_max_new_tokens=8,
     )
     recorder, memory = GradientRecorder(), MemoryLogger()
-    callbacks = [rollout_callback(), LengthReward(), ReferenceModelCallback(), recorder]
-    trainer = pl.Trainer(**trainer_kwargs(root, max_steps=4, logger=[memory], callbacks=callbacks))
+    trainer = pl.Trainer(**trainer_kwargs(root, max_steps=4, logger=[memory], callbacks=[recorder]))
     trainer.fit(module, datamodule=make_datamodule(root, module.backbone.processor, "prompt"))
     return recorder, memory, module
 
@@ -97,10 +99,9 @@ def test_micro_batches_give_the_full_batch_gradient_and_stats(tmp_path: Path, lo
     assert max(clipped) > 0 if loss != "sapo" else max(clipped) == 0  # SAPO has no hard clip
 
 
-def test_micro_batch_size_is_checked(tmp_path: Path) -> None:
+def test_micro_batch_size_is_checked() -> None:
+    parts = dict(backbone=Backbone("embedded-tiny"), rollout=rollout_callback(), rewards=[LengthReward()])
     with pytest.raises(ValueError, match=r"micro_batch_size counts completions .* got 0"):
-        GRPOModule(Backbone("embedded-tiny"), micro_batch_size=0)
-    module = GRPOModule(Backbone("embedded-tiny"), micro_batch_size=6, loss=GRPOLoss(beta=0.0))
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[rollout_callback(), LengthReward()]))
+        GRPOModule(**parts, micro_batch_size=0, loss=GRPOLoss(beta=0.0))
     with pytest.raises(ValueError, match=r"micro_batch_size=6 must be a multiple of the rollout's num_generations=4"):
-        trainer.fit(module, datamodule=make_datamodule(tmp_path, module.backbone.processor, "prompt"))
+        GRPOModule(**parts, micro_batch_size=6, loss=GRPOLoss(beta=0.0))  # when built, before any fit

@@ -1,4 +1,4 @@
-"""GRPOModule end to end on the tiny model: short fits through the real chain of callbacks.
+"""GRPOModule end to end on the tiny model: short fits with the real parts (rollout, rewards, reference).
 
 Rewards here are test stand-ins with guaranteed spread (a random tiny model never earns the paper's
 format or accuracy reward, so those alone would give all-zero advantages and teach nothing).
@@ -24,7 +24,7 @@ from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule
-from tests.fit_support import MemoryLogger, make_datamodule, parameters, tensorboard_events, trainer_kwargs
+from tests.fit_support import MemoryLogger, make_datamodule, parameters, split_parts, tensorboard_events, trainer_kwargs
 
 G = 4  # completions per prompt; batches hold 2 prompts -> 8 completions
 
@@ -78,18 +78,6 @@ class HalfAbstainingReward(RewardCallback):
         return scores
 
 
-class CountingReference(ReferenceModelCallback):
-    """Counts how often the module asked for reference log-probs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def reference_logprobs(self, pl_module: Any, slices: Any) -> torch.Tensor:
-        self.calls += 1
-        return super().reference_logprobs(pl_module, slices)
-
-
 class LossCalls(pl.Callback):
     """Records every call of the module's loss: old log-probs given, new log-probs, ratio mean."""
 
@@ -129,15 +117,18 @@ def grpo_fit(
     trainer_overrides: dict[str, Any] | None = None,
     **module_kwargs: Any,
 ) -> tuple[GRPOModule, pl.Trainer, MemoryLogger, dict[str, torch.Tensor]]:
-    """Seeded tiny-model GRPO fit; returns the module, trainer, metric history and initial parameters."""
+    """Seeded tiny-model GRPO fit; returns the module, trainer, metric history and initial parameters.
+    ``callbacks``: the GRPO parts (given to the module) and any other callbacks (given to the trainer)."""
     pl.seed_everything(0)
     module_kwargs.setdefault("log_completions_every_n_steps", 0)
     if "beta" in module_kwargs:  # the KL coefficient is the loss's
         module_kwargs["loss"] = GRPOLoss(beta=module_kwargs.pop("beta"))
+    parts, callbacks = split_parts(callbacks)
     module = GRPOModule(
         Backbone("embedded-tiny", seed=0, lora=lora),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         eval_max_new_tokens=8,
+        **parts,
         **module_kwargs,
     )
     before = parameters(module.backbone)
@@ -240,7 +231,7 @@ def test_sampler_and_trainer_agree_in_float32(full_fit: FullFit) -> None:
     assert len(kl) == 2 and all(0.0 <= v < 1e-6 for v in kl), kl
 
 
-def test_callback_order_does_not_change_the_run(full_fit: FullFit, tmp_path: Path) -> None:
+def test_reward_order_does_not_change_the_run(full_fit: FullFit, tmp_path: Path) -> None:
     reordered = [ReferenceModelCallback(), FormatReward(), LengthReward(), rollout_callback()]
     module, _, memory, _ = grpo_fit(tmp_path, reordered, beta=0.04)
     assert without_timing(memory.history) == without_timing(full_fit.memory.history)
@@ -264,8 +255,8 @@ def test_lora_reference_is_the_base_model_without_a_copy(tmp_path: Path, monkeyp
     base = Backbone("embedded-tiny", seed=0).eval()  # the same starting weights, no adapters
     module.eval()
     batch = next(iter(trainer.datamodule.train_dataloader()))
-    rollout = rollout_callback().generate(module, batch)
-    ref = reference.reference_logprobs(module, rollout.micro_batches(None))  # [B*G, L]
+    rollout = rollout_callback().generate(module.backbone, batch)
+    ref = reference.reference_logprobs(rollout.micro_batches(None))  # [B*G, L]
     expected = base.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, num_generations=G)
     policy = module.backbone.token_logprobs(rollout.prompt_inputs, rollout.completion_ids, num_generations=G)
     mask = rollout.completion_mask.bool()
@@ -275,27 +266,36 @@ def test_lora_reference_is_the_base_model_without_a_copy(tmp_path: Path, monkeyp
 
 
 # ---- beta 0: no reference at all ----------------------------------------------------------------
-def test_beta_zero_never_asks_for_reference_logprobs(tmp_path: Path) -> None:
-    reference = CountingReference()
-    _, trainer, memory, _ = grpo_fit(tmp_path, [rollout_callback(), LengthReward(), reference], beta=0.0)
+def test_beta_zero_runs_without_a_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_copy(self: Backbone, **kwargs: Any) -> Backbone:
+        raise AssertionError("beta 0 must not build a frozen copy of the backbone")
+
+    monkeypatch.setattr(Backbone, "build_frozen_copy", no_copy)
+    module, trainer, memory, _ = grpo_fit(tmp_path, [rollout_callback(), LengthReward()], beta=0.0)
     assert trainer.global_step == 2
-    assert reference.calls == 0
-    assert reference._reference is None  # no frozen copy built in setup either
+    assert module.reference is None and module.configure_callbacks() == [module.rollout, *module.rewards]
     assert "train/kl" not in memory.keys()
 
 
-# ---- the chain is checked at the start of fit ---------------------------------------------------
+def test_the_parts_are_lightning_callbacks_of_the_fit(full_fit: FullFit) -> None:
+    # given to the module, handed to Lightning by configure_callbacks: the trainer runs their hooks
+    parts = [full_fit.module.rollout, *full_fit.module.rewards, full_fit.reference]
+    assert all(any(part is c for c in full_fit.trainer.callbacks) for part in parts)
+    assert [r.name for r in full_fit.module.rewards] == ["format", "length"]  # by name, whatever the list order
+
+
+# ---- the settings are checked when the module is built, before any step ------------------------
 @pytest.mark.parametrize(
     ("callbacks", "beta", "message"),
     [
-        ([LengthReward(), ReferenceModelCallback()], 0.04, "exactly one RolloutCallback"),
-        ([rollout_callback(), ReferenceModelCallback()], 0.04, "at least one reward callback"),
-        ([rollout_callback(), LengthReward()], 0.04, "beta > 0 needs a ReferenceModelCallback"),
+        ([LengthReward(), ReferenceModelCallback()], 0.04, "rollout must be a RolloutCallback"),
+        ([rollout_callback(), ReferenceModelCallback()], 0.04, "rewards must be a non-empty list"),
+        ([rollout_callback(), LengthReward()], 0.04, "reference is null"),
         ([rollout_callback(), LengthReward(), LengthReward()], 0.0, r"share the name\(s\) \['length'\]"),
     ],
     ids=["no-rollout", "no-reward", "no-reference", "duplicate-reward"],
 )
-def test_incomplete_chain_fails_before_the_first_step(
+def test_incomplete_parts_fail_before_the_first_step(
     tmp_path: Path, callbacks: list[pl.Callback], beta: float, message: str
 ) -> None:
     started = LossCalls()
@@ -380,10 +380,12 @@ def test_resumed_fit_keeps_the_starting_weights_as_reference(tmp_path: Path) -> 
              beta=0.04, trainer_overrides=dict(enable_checkpointing=True))
     reference = ReferenceModelCallback()
     pl.seed_everything(0)
-    module = GRPOModule(Backbone("embedded-tiny", seed=0), loss=GRPOLoss(beta=0.04), log_completions_every_n_steps=0)
+    module = GRPOModule(
+        Backbone("embedded-tiny", seed=0), rollout_callback(), [LengthReward()], reference,
+        loss=GRPOLoss(beta=0.04), log_completions_every_n_steps=0,
+    )  # fmt: skip
     before = parameters(module.backbone)
-    callbacks = [rollout_callback(), LengthReward(), reference]
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=3, callbacks=callbacks))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=3))
     datamodule = make_datamodule(tmp_path / "first", module.backbone.processor, "prompt")
     trainer.fit(module, datamodule=datamodule, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
     assert trainer.global_step == 3

@@ -115,7 +115,7 @@ def test_two_ranks_stop_together_when_one_rank_is_refused(judge_server, judge_ke
     trainer["strategy"] = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
                            "init_args": {"process_group_backend": "gloo"}}
     rank_key = {"class_path": "tests.judge_server.KeyOnRank", "init_args": {"rank": 1, "value": rank_one_key}}
-    trainer["callbacks"].insert(len(trainer["callbacks"]) - 1, rank_key)
+    trainer["callbacks"].append(rank_key)  # its setup runs before the judge's: the module's parts come after the trainer's
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "pathvlm_lightning", "fit", "--config", str(path)], cwd=tmp_path,

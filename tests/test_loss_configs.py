@@ -31,6 +31,7 @@ def test_demo_grpo_fit_with_the_loss_chosen_in_yaml(name: str, tmp_path: Path, m
         "--model.init_args.backbone.init_args.model=embedded-tiny",  # the SFT stage's export is not here
         f"--model.init_args.loss={{class_path: pathvlm_lightning.grpo.losses.{name}, init_args: {init}}}",
         "--model.init_args.skip_zero_advantage_steps=false",  # a random tiny model's rewards rarely differ
+        *(["--model.init_args.reference=null"] if yaml.safe_load(init)["beta"] == 0 else []),  # beta 0: no reference
         "--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0",
         "--trainer.limit_val_batches=0", *SMALL_DATA,
     ])  # fmt: skip

@@ -32,11 +32,8 @@ def _small_config(source: str, target: Path) -> None:
                     "log_every_n_steps": 1},
         "data": {"init_args": SMALL},
     }  # fmt: skip
-    callbacks = read_stage_yaml(REPO / source)["trainer"]["callbacks"]
-    rollouts = [c for c in callbacks if c["class_path"].endswith("RolloutCallback")]
-    if rollouts:  # a list is replaced as a whole: the shipped one with a smaller rollout
-        rollouts[0]["init_args"].update(num_generations=2, max_new_tokens=8)
-        config["trainer"]["callbacks"] = callbacks
+    if read_stage_yaml(REPO / source)["model"]["init_args"].get("rollout"):  # GRPO: a smaller rollout
+        config["model"] = {"init_args": {"rollout": {"init_args": {"num_generations": 2, "max_new_tokens": 8}}}}
     target.write_text(yaml.safe_dump(config, sort_keys=False))
 
 

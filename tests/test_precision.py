@@ -68,15 +68,14 @@ def test_precision_plugins_cast_a_batch_and_pass_its_records_through(tiny_proces
 
 
 def _small_grpo(tmp_path: Path) -> Path:
-    """An overlay of the demo GRPO callbacks with a smaller rollout (G=4, 16 new tokens) and a reward
+    """An overlay of the demo GRPO stage with a smaller rollout (G=4, 16 new tokens) and a reward
     that varies between random completions, so that both steps train instead of being skipped."""
-    callbacks = yaml.safe_load((REPO / "configs/demo/base_grpo.yaml").read_text())["trainer"]["callbacks"]
-    for callback in callbacks:
-        if callback["class_path"].endswith("RolloutCallback"):
-            callback["init_args"].update(num_generations=4, max_new_tokens=16)
-    callbacks.append({"class_path": "tests.fit_support.LengthReward"})
     path = tmp_path / "small_grpo.yaml"
-    overlay = {"trainer": {"callbacks": callbacks}, "model": {"init_args": {"eval_max_new_tokens": 16}}}
+    overlay = {"model": {"init_args": {
+        "rollout": {"init_args": {"num_generations": 4, "max_new_tokens": 16}},
+        "rewards+": [{"class_path": "tests.fit_support.LengthReward"}],
+        "eval_max_new_tokens": 16,
+    }}}  # fmt: skip
     path.write_text(yaml.safe_dump(overlay))
     return path
 

@@ -51,7 +51,8 @@ def judge_entry(server: JudgeServer, **judge: Any) -> dict:
 
 
 def write_config(root: Path, records: Path, process: dict, max_steps: int = 2, **module: Any) -> Path:
-    """A stage-3 config like configs/demo/grpo_process.yaml, shrunk to seconds; returns its path."""
+    """A stage-3 config like configs/demo/grpo_process.yaml, shrunk to seconds, ``process`` its last
+    reward; returns its path."""
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -69,20 +70,12 @@ def write_config(root: Path, records: Path, process: dict, max_steps: int = 2, *
             },
             "callbacks": [
                 {
-                    "class_path": "pathvlm_lightning.callbacks.RolloutCallback",
-                    "init_args": {"num_generations": 2, "max_new_tokens": 8},
-                },
-                {"class_path": "pathvlm_lightning.callbacks.FormatReward"},
-                {"class_path": "pathvlm_lightning.callbacks.AccuracyReward"},
-                {"class_path": "pathvlm_lightning.callbacks.ReferenceModelCallback"},
-                {
                     # Step checkpoints: resuming from an epoch-end one, Lightning 2.6 skips an epoch
                     # of the sampler's order (set_epoch 1, then 2), so the batches would differ.
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(root / "checkpoints"), "filename": "{step}", "save_top_k": -1,
                                   "every_n_train_steps": 1, "save_last": True},
                 },
-                process,
             ],
         },
         "model": {
@@ -92,6 +85,16 @@ def write_config(root: Path, records: Path, process: dict, max_steps: int = 2, *
                     "class_path": "pathvlm_lightning.backbone.Backbone",
                     "init_args": {"model": "embedded-tiny"},
                 },
+                "rollout": {
+                    "class_path": "pathvlm_lightning.callbacks.RolloutCallback",
+                    "init_args": {"num_generations": 2, "max_new_tokens": 8},
+                },
+                "rewards": [
+                    {"class_path": "pathvlm_lightning.callbacks.FormatReward"},
+                    {"class_path": "pathvlm_lightning.callbacks.AccuracyReward"},
+                    process,
+                ],
+                "reference": {"class_path": "pathvlm_lightning.callbacks.ReferenceModelCallback"},
                 "log_completions_every_n_steps": 0,
                 "eval_max_new_tokens": 8,
                 "predictions_path": str(root / "predictions_test.jsonl"),
@@ -203,7 +206,7 @@ class ReferenceWindow:
         return scores_reply(0.6, 1.0)
 
     def wrap(self, forward: Any) -> Any:
-        def reference_logprobs(callback: ReferenceModelCallback, pl_module: Any, slices: Any) -> torch.Tensor:
+        def reference_logprobs(callback: ReferenceModelCallback, slices: Any) -> torch.Tensor:
             distinct = len({  # (prompt, completion tokens): one judge request each
                 ((part.rows.start + j) // part.group_size, tuple(ids[mask.bool()].tolist()))
                 for part in slices
@@ -214,7 +217,7 @@ class ReferenceWindow:
                 time.sleep(0.005)
             start = self.server.in_flight
             try:
-                return forward(callback, pl_module, slices)
+                return forward(callback, slices)
             finally:
                 self.in_flight.append((start, self.server.in_flight))
                 self._asked_before = len(self.server.requests)
@@ -227,9 +230,9 @@ class ReferenceWindow:
 @pytest.fixture
 def demo_overrides(records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Run the demo config from ``tmp_path`` (its relative run folders land there) on the tiny model
-    and a tiny split; the rollout is shrunk in a copy of the YAML (list entries have no CLI path)."""
-    config = read_stage_yaml(DEMO)  # resolved: with its base's callbacks
-    rollout = config["trainer"]["callbacks"][0]
+    and a tiny split; the rollout is shrunk in a copy of the YAML."""
+    config = read_stage_yaml(DEMO)  # resolved: with its base's parts
+    rollout = config["model"]["init_args"]["rollout"]
     assert rollout["class_path"].endswith("RolloutCallback")
     rollout["init_args"].update(num_generations=2, max_new_tokens=8)
     shrunk = tmp_path / "grpo_process.yaml"
@@ -253,17 +256,15 @@ def test_stage_3_config_starts_from_the_stage_2_export(stage3: str, stage2: str)
     assert third["model"]["init_args"]["backbone"]["init_args"]["model"] == exported[0]["init_args"]["dirpath"]
     assert third["data"]["init_args"] == second["data"]["init_args"]  # the same split, the same RL questions
     assert third["seed_everything"] == second["seed_everything"]
-    rewards = [c["class_path"].rsplit(".", 1)[1] for c in third["trainer"]["callbacks"] if "Reward" in c["class_path"]]
-    assert rewards[:2] == ["FormatReward", "AccuracyReward"]
+    rewards = [c["class_path"].rsplit(".", 1)[1] for c in third["model"]["init_args"]["rewards"]]
     # The process reward comes last: the demo's one-flag swap to the LLM judge replaces the last entry.
-    assert third["trainer"]["callbacks"][-1]["class_path"].rsplit(".", 1)[1] == rewards[2]
-    assert rewards[2] == ("RubricProcessReward" if stage3.startswith("demo") else "ProcessReward")
+    assert rewards == ["FormatReward", "AccuracyReward", "RubricProcessReward" if stage3.startswith("demo") else "ProcessReward"]
 
 
 def test_demo_config_runs_offline_with_the_rubric(demo_overrides, tmp_path):
     cli = main(demo_overrides)
-    assert any(isinstance(c, RubricProcessReward) for c in cli.trainer.callbacks)
-    assert not any(isinstance(c, ProcessReward) for c in cli.trainer.callbacks)
+    assert [type(r).__name__ for r in cli.model.rewards] == ["AccuracyReward", "FormatReward", "RubricProcessReward"]
+    assert any(cli.model.rewards[-1] is c for c in cli.trainer.callbacks)  # handed to Lightning by the module
     logged = scalars(tmp_path / "runs" / "demo" / "grpo_process" / "tb")
     assert cli.trainer.global_step == 2 and len(logged["reward/process"]) == 2
     for step in range(2):  # the reward is the mean of the two rubric scores
@@ -282,12 +283,12 @@ def test_demo_config_with_base_url_runs_the_llm_judge_beside_the_reference(
     cli = main([
         *demo_overrides,
         # The swap given in the config's opening comment, pointed at the loopback server.
-        "--trainer.callbacks.class_path", "pathvlm_lightning.callbacks.ProcessReward",
-        "--trainer.callbacks.init_args.judge.cache_path", "runs/demo/grpo_process/judge.sqlite",
-        "--trainer.callbacks.init_args.judge.base_url", judge_server.base_url,
-        "--trainer.callbacks.init_args.judge.api_key_env", JUDGE_KEY_ENV,
+        "--model.init_args.rewards.class_path", "pathvlm_lightning.callbacks.ProcessReward",
+        "--model.init_args.rewards.init_args.judge.cache_path", "runs/demo/grpo_process/judge.sqlite",
+        "--model.init_args.rewards.init_args.judge.base_url", judge_server.base_url,
+        "--model.init_args.rewards.init_args.judge.api_key_env", JUDGE_KEY_ENV,
     ])
-    assert [type(c).__name__ for c in cli.trainer.callbacks if hasattr(c, "judge")] == ["ProcessReward"]
+    assert [type(r).__name__ for r in cli.model.rewards if hasattr(r, "judge")] == ["ProcessReward"]
 
     # The judge's requests were in flight for the whole reference forward of both steps.
     assert window.in_flight == [(4, 4), (4, 4)]
@@ -396,7 +397,7 @@ def test_paper_scale_config_parses_with_the_gpt4o_judge():
         parser_kwargs={"parser_mode": "omegaconf+"},
     )
     config = cli.config
-    rollout, *_, process = config.trainer.callbacks
+    rollout, process = config.model.init_args.rollout, config.model.init_args.rewards[-1]
     assert (rollout.init_args.num_generations, rollout.init_args.max_new_tokens) == (4, 1024)
     assert process.class_path == "pathvlm_lightning.callbacks.ProcessReward"
     judge = process.init_args.judge

@@ -22,7 +22,7 @@ JUDGE_ARGS = [
     "--config",
     str(REPO / "configs/demo/grpo_process.yaml"),
     "--model.init_args.backbone.init_args.model=embedded-tiny",
-    "--trainer.callbacks.class_path",
+    "--model.init_args.rewards.class_path",
     "pathvlm_lightning.callbacks.ProcessReward",
 ]
 
@@ -37,7 +37,7 @@ def test_a_key_pasted_into_api_key_env_reaches_neither_the_output_nor_the_stage_
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPENAI_API_KEY", IN_ENV)
     log_file = tmp_path / "stage" / "fit.log"
-    args = ["fit", *JUDGE_ARGS, "--trainer.callbacks.init_args.judge.api_key_env", PASTED]
+    args = ["fit", *JUDGE_ARGS, "--model.init_args.rewards.init_args.judge.api_key_env", PASTED]
     assert subprocess_launcher(args, log_file) == 1
     log = log_file.read_text()
     assert "api_key_env must be the NAME of an environment variable" in log  # the error still says what is wrong
@@ -52,7 +52,7 @@ def test_print_config_masks_a_pasted_key(
     for name in ("stdout", "stderr"):  # run() wraps the streams for the process's life; undo that here
         monkeypatch.setattr(sys, name, getattr(sys, name))
     with pytest.raises(SystemExit):
-        run(["fit", *JUDGE_ARGS, "--trainer.callbacks.init_args.judge.api_key_env", PASTED, "--print_config"])
+        run(["fit", *JUDGE_ARGS, "--model.init_args.rewards.init_args.judge.api_key_env", PASTED, "--print_config"])
     sys.stdout.flush()
     sys.stderr.flush()
     captured = capsys.readouterr()
@@ -110,8 +110,8 @@ def test_a_variable_named_in_a_yaml_is_masked_too(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("JUDGE_VAR", IN_ENV)
     overlay = tmp_path / "judge.yaml"
     overlay.write_text(
-        "trainer:\n  callbacks:\n    - class_path: pathvlm_lightning.callbacks.ProcessReward\n"
-        "      init_args:\n        judge:\n          api_key_env: JUDGE_VAR\n"
+        "model:\n  init_args:\n    rewards+:\n      - class_path: pathvlm_lightning.callbacks.ProcessReward\n"
+        "        init_args:\n          name: judge\n          judge:\n            api_key_env: JUDGE_VAR\n"
     )
     target = io.StringIO()
     monkeypatch.setattr(sys, "stderr", RedactingStream(target, secrets_from([])))

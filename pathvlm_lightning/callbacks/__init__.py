@@ -1,6 +1,6 @@
-"""Lightning callbacks: the GRPO parts (the rollout's sampler, the rewards, the reference), export and
-progress lines. Every packaged reward callback and their base class live in ``callbacks/rewards.py``;
-the pure scoring they adapt lives in ``pathvlm_lightning.rewards``."""
+"""Lightning callbacks: the GRPO parts GRPOModule is given (the rollout's sampler, the rewards, the
+reference), export and progress lines. Every packaged reward callback and their base class live in
+``callbacks/rewards.py``; the pure scoring they adapt lives in ``pathvlm_lightning.rewards``."""
 
 from pathvlm_lightning.callbacks.export import ExportCallback
 from pathvlm_lightning.callbacks.progress import EpochProgressBar, ProgressLog

@@ -12,12 +12,18 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from typing_extensions import override
 
+from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.sharding import copy_local_shards, fsdp_units, full_state_dict, mixed_precision_policy
+from pathvlm_lightning.callbacks.settings import RecordsArguments
 from pathvlm_lightning.grpo.stages import MicroBatch
 
 
-class ReferenceModelCallback(Callback):
+class ReferenceModelCallback(RecordsArguments, Callback):
     """Computes the reference log-probs [B*G, L] for the KL term (the module calls it; only when beta > 0).
+
+    A part of ``GRPOModule`` (``model.init_args.reference``; null when the loss's beta is 0). The
+    module binds it to the policy (:meth:`bind`) when it is built; the
+    reference never reads the module.
 
     With LoRA the reference is the same weights with the adapters disabled: no second copy in memory.
     With full fine-tuning it is a frozen copy of the policy's weights as the stage starts, also on
@@ -53,6 +59,23 @@ class ReferenceModelCallback(Callback):
         self._reference: Any = None  # a frozen Backbone copy (full fine-tuning only)
         self._needs_weights = False  # a sharded skeleton waiting for the policy's shards
         self._synced = False
+        self._policy: Backbone | None = None  # given by the module (bind)
+
+    def bind(self, *, policy: Backbone) -> ReferenceModelCallback:
+        """What the reference takes from the module that owns it, given once by that module: the
+        ``policy`` it is a frozen copy of (or, with LoRA, the base of). The micro-batch slices come
+        with each call (:meth:`reference_logprobs`), cut once per step by the module."""
+        self._policy = policy
+        return self
+
+    @property
+    def policy(self) -> Backbone:
+        if self._policy is None:
+            raise RuntimeError(
+                "ReferenceModelCallback is not bound to a policy: give it to GRPOModule(reference=...), "
+                "which binds it (it is no longer listed under trainer.callbacks)"
+            )
+        return self._policy
 
     @property
     def uses_adapters(self) -> bool:
@@ -60,15 +83,10 @@ class ReferenceModelCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not getattr(pl_module, "needs_reference", True):
+        if stage != "fit":
             return
-        backbone = pl_module.backbone
-        if backbone.has_lora:
-            if self.sync_every_n_steps is not None:
-                raise ValueError(
-                    "ReferenceModelCallback: sync_every_n_steps needs a separate reference copy; with LoRA the "
-                    "reference is the base model with adapters disabled. Set sync_every_n_steps: null."
-                )
+        backbone = self.policy
+        if backbone.has_lora:  # the base model with adapters disabled (sync with LoRA: grpo_settings refuses)
             return
         if self._reference is None:
             sharded = isinstance(trainer.strategy, ModelParallelStrategy)
@@ -92,9 +110,9 @@ class ReferenceModelCallback(Callback):
                 self._needs_weights = True
 
     @torch.no_grad()
-    def reference_logprobs(self, pl_module: Any, slices: Sequence[MicroBatch]) -> torch.Tensor:
+    def reference_logprobs(self, slices: Sequence[MicroBatch]) -> torch.Tensor:
         """[B*G, L] log-probs of the slices' completions under the reference, at sampling temperature."""
-        backbone = pl_module.backbone
+        backbone = self.policy
         if self._reference is None:  # under FSDP2 the policy's root stays gathered into its own passes
             with backbone.adapters_disabled():
                 logprobs = [_logprobs(backbone, part) for part in slices]
@@ -109,18 +127,19 @@ class ReferenceModelCallback(Callback):
         the (still unrestored) policy, an unsharded copy a move."""
         if self._reference is None:
             return
+        device = trainer.strategy.root_device  # where the strategy put the policy
         if self._needs_weights:
-            copy_local_shards(pl_module.backbone, self._reference, pl_module.device)
+            copy_local_shards(self.policy, self._reference, device)
             self._needs_weights = False
         elif not self._sharded:
-            self._reference.to(pl_module.device)
+            self._reference.to(device)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if self._reference is None or self.sync_every_n_steps is None:
             return
         if trainer.global_step > 0 and trainer.global_step % self.sync_every_n_steps == 0:
-            self._mix_towards(pl_module.backbone)
+            self._mix_towards(self.policy)
 
     @torch.no_grad()
     def _mix_towards(self, policy: torch.nn.Module) -> None:

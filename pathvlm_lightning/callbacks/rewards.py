@@ -6,8 +6,10 @@ reads the rollout's :class:`~pathvlm_lightning.grpo.stages.Samples`, in which ev
 already parsed once (:mod:`pathvlm_lightning.rewards.completion`), and returns one score per
 completion.
 
-The GRPO module calls the rewards itself, in a fixed order (sampling -> ``begin`` on every reward ->
-reference forward -> ``score`` on every reward), so the order they are listed in never matters.
+Rewards are parts of ``GRPOModule`` (the list ``model.init_args.rewards``); the module hands them to
+Lightning and calls them itself, in a fixed order (sampling -> ``begin`` on every reward -> reference
+forward -> ``score`` on every reward, rewards in the order of their names), so the order they are
+listed in YAML never matters.
 ``begin`` lets a slow reward (an HTTP judge) start its work before the reference forward and
 collect it in ``score``.
 
@@ -33,6 +35,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from pathvlm_lightning.callbacks.settings import RecordsArguments
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.rewards.accuracy import accuracy_reward
@@ -45,7 +48,8 @@ from pathvlm_lightning.rewards.judge.counters import FAULTS, JudgeResult, summar
 from pathvlm_lightning.rewards.judge.request import JudgeItem
 from pathvlm_lightning.rewards.rubric import rubric_scores
 
-class RewardCallback(Callback):
+
+class RewardCallback(RecordsArguments, Callback):
     """Scores completions. Subclasses implement ``score_completion`` (pure, per parsed completion),
     ``score_text`` (pure, per completion text) or override ``score`` (the whole step's samples).
     A NaN score means "abstain": the completion is ignored by this reward when advantages are

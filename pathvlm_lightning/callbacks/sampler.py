@@ -9,17 +9,21 @@ import torch
 from lightning.pytorch import Callback
 from typing_extensions import override
 
+from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.decoding import decode_completions
+from pathvlm_lightning.callbacks.settings import RecordsArguments
 from pathvlm_lightning.grpo.stages import Samples
 
 
-class RolloutCallback(Callback):
+class RolloutCallback(RecordsArguments, Callback):
     """Generates ``num_generations`` completions for every prompt of a batch in one batched call.
 
-    The GRPO module calls :meth:`generate` at the start of each training step; the step then runs
-    every reward's ``begin``, the reference pass, every reward's ``score`` and the advantages, in
-    that order, by the module, never by hook order (``grpo/stages.py``). Each completion is decoded
-    and parsed once here (``Samples.parsed``); every reward reads that parse. Generation goes through ``Backbone.generate_with_logprobs``: each prompt is pre-filled once for its
+    A part of ``GRPOModule`` (``model.init_args.rollout``): the module reads ``num_generations`` and
+    ``max_new_tokens`` from it and calls :meth:`generate` with its policy at the start of each
+    training step; the step then runs every reward's ``begin``, the reference pass, every reward's
+    ``score`` and the advantages, in that order, by the module, never by hook order
+    (``grpo/stages.py``). Each completion is decoded and parsed once here (``Samples.parsed``); every
+    reward reads that parse. Generation goes through ``Backbone.generate_with_logprobs``: each prompt is pre-filled once for its
     G completions, vision special tokens are never sampled, and the log-prob of every sampled token is
     kept (``Samples.sampler_logprobs``) for ``rollout/sampler_kl``.
 
@@ -59,8 +63,8 @@ class RolloutCallback(Callback):
         self.min_new_tokens = min_new_tokens
 
     @torch.no_grad()
-    def generate(self, pl_module: Any, batch: dict) -> Samples:
-        backbone = pl_module.backbone
+    def generate(self, backbone: Backbone, batch: dict) -> Samples:
+        """G completions of every prompt of ``batch`` sampled from the policy ``backbone``."""
         start = time.perf_counter()
         generated = backbone.generate_with_logprobs(
             batch["prompt_inputs"],

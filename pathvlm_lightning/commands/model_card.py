@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pathvlm_lightning.stage_config import callbacks, init_args, short_name
+from pathvlm_lightning.stage_config import init_args, short_name
 
 _SECRET_KEY = re.compile(r"api[_-]?key|secret|password|passwd|credential|auth|(^|_)token$|bearer", re.IGNORECASE)
 _HEADER_END = re.compile(r"^(Run|Test|Curves|Usage)\b")
@@ -144,19 +144,29 @@ def _hyperparameters(config: dict[str, Any], module: dict[str, Any]) -> list[tup
             rows.append(("loss", short_name(loss.get("class_path", "?"))))
             rows += [(name, str(value)) for name, value in init_args(loss).items()]
         rows += [(name, str(module[name])) for name in ("scale_rewards",) if name in module]
-        nodes = callbacks(config)
-        for callback in nodes:
-            if short_name(callback.get("class_path", "")) == "RolloutCallback":
-                args = init_args(callback)
-                keys = ("num_generations", "max_new_tokens", "temperature")
-                rows += [(key, str(args[key])) for key in keys if key in args]
-        rewards = [
-            f"{short_name(c['class_path'])} (weight {init_args(c).get('weight', 1.0)})"
-            for c in nodes
-            if "Reward" in str(c.get("class_path", ""))
-        ]
-        if rewards:
-            rows.append(("rewards", ", ".join(rewards)))
+        rows += _parts(module)
+    return rows
+
+
+def _parts(module: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The GRPO parts the module is given (``model.init_args``): rollout settings, rewards, reference."""
+    rows = []
+    rollout = init_args(module.get("rollout"))
+    keys = ("num_generations", "max_new_tokens", "temperature")
+    rows += [(key, str(rollout[key])) for key in keys if key in rollout]
+    rewards = [
+        f"{short_name(c.get('class_path', '?'))} (weight {init_args(c).get('weight', 1.0)})"
+        for c in module.get("rewards") or []
+        if isinstance(c, Mapping)
+    ]
+    if rewards:
+        rows.append(("rewards", ", ".join(rewards)))
+    reference = module.get("reference")
+    if isinstance(reference, Mapping):
+        sync = init_args(reference).get("sync_every_n_steps")
+        rows.append(("reference", "frozen start" if sync is None else f"synced every {sync} steps"))
+    elif "reference" in module:
+        rows.append(("reference", "none"))
     return rows
 
 

@@ -6,29 +6,38 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pathvlm_lightning.backbone import SHARING_MODE_CODES, Backbone
-from pathvlm_lightning.callbacks.chain import GRPOChain, find_chain
+from pathvlm_lightning.callbacks.reference import ReferenceModelCallback
+from pathvlm_lightning.callbacks.rewards import RewardCallback
+from pathvlm_lightning.callbacks.sampler import RolloutCallback
 from pathvlm_lightning.grpo.advantages import finite_std, global_finite_std, group_advantages, zero_variance_groups
 from pathvlm_lightning.grpo.losses import GRPOLoss, LossStats, PolicyLoss, StepTotals, sum_stats
 from pathvlm_lightning.grpo.stages import MicroBatch, Samples, Scored, sampler_kl_terms, total_reward
 from pathvlm_lightning.modules.base import BackboneModule
 from pathvlm_lightning.modules.evaluation import GenerationEvaluation
+from pathvlm_lightning.modules.grpo_settings import check_grpo_settings
 
 
 class GRPOModule(GenerationEvaluation, BackboneModule):
     """One training step = one rollout and ``num_iterations`` optimizer steps on it.
 
-    The step runs the chain that ``trainer.callbacks`` provide, in a fixed order whatever their order
-    in YAML: ``RolloutCallback.generate`` (B*G completions) -> every reward's ``begin`` -> the
-    ``ReferenceModelCallback`` forward (only when the loss's ``beta > 0``; a judge's network wait
-    overlaps it) -> every reward's ``score`` -> group-relative advantages -> the injected ``loss``
-    (``grpo/losses/``: GRPO/DAPO, GSPO, CISPO, SAPO, each with the k3 KL). Optimisation is manual
-    because one rollout feeds ``num_iterations`` optimizer steps; with 1 the old log-probs are the
-    detached current ones and no extra forward is spent, with more the first pass's detached
-    log-probs serve as the old policy's.
+    The module is given its parts (``rollout``, ``rewards``, ``reference``, ``loss``) and hands the
+    three callbacks among them to Lightning with :meth:`configure_callbacks`, so they keep their
+    ``setup``, hooks and checkpointed state. The step calls them itself, in a fixed order:
+    ``rollout.generate`` (B*G completions) -> every reward's ``begin`` -> the reference forward (only
+    when the loss's ``beta > 0``; a judge's network wait overlaps it) -> every reward's ``score``
+    (rewards in the order of their names) -> group-relative advantages -> the ``loss``
+    (``grpo/losses/``: GRPO/DAPO, GSPO, CISPO, SAPO, each with the k3 KL). Settings flow one way: the
+    module reads the rollout's G and ``max_new_tokens`` from the object it was given, binds the loss
+    to that length and binds the reference to the policy and ``micro_batch_size``; no part looks the
+    module up. Every cross-check of the arguments is ``modules/grpo_settings.py``.
+    Optimisation is manual because one rollout feeds ``num_iterations`` optimizer steps; with 1 the
+    old log-probs are the detached current ones and no extra forward is spent, with more the first
+    pass's detached log-probs serve as the old policy's.
 
     The step's data moves through frozen stages (``grpo/stages.py``): ``Samples`` (each completion
     parsed once) -> ``MicroBatch`` slices -> ``Scored``. With ``micro_batch_size`` the policy and
@@ -55,12 +64,17 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
 
     Args:
         backbone: the policy (starts from the SFT stage's exported folder).
-        optimizer / scheduler: injected factories; the scheduler steps once per optimizer step.
+        rollout: the sampler (``RolloutCallback``): G completions per prompt, their budget and temperature.
+        rewards: the reward callbacks, summed with their weights (``FormatReward``, ``AccuracyReward``,
+            ``ProcessReward``, a user reward from the root ``callbacks/`` package, ...); names must differ.
+        reference: the KL anchor (``ReferenceModelCallback``), or null. Required when the loss's
+            ``beta > 0``, and refused when ``beta == 0`` (no reference log-probs are computed then, and
+            a reference given anyway would build a frozen copy for nothing).
         loss: the policy loss, by ``class_path`` in YAML (``pathvlm_lightning.grpo.losses.GRPOLoss``,
-            ``GSPOLoss``, ``CISPOLoss``, ``SAPOLoss``); default ``GRPOLoss()``. Its ``beta`` decides
-            whether a reference model runs (0: no reference log-probs at all); the module binds its
+            ``GSPOLoss``, ``CISPOLoss``, ``SAPOLoss``); default ``GRPOLoss()``. The module binds its
             ``max_completion_length`` to the rollout's ``max_new_tokens`` (dr_grpo's normaliser) and
             passes the dapo aggregation's global token count over all data-parallel ranks.
+        optimizer / scheduler: injected factories; the scheduler steps once per optimizer step.
         scale_rewards: advantage scaling, ``group`` (std of the group), ``batch`` (std of the global
             batch, every data-parallel rank's rewards) or ``none``.
         num_iterations: optimizer steps per rollout (PPO-style reuse).
@@ -80,9 +94,12 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
     def __init__(
         self,
         backbone: Backbone,
+        rollout: RolloutCallback,
+        rewards: list[RewardCallback],
+        reference: ReferenceModelCallback | None = None,
+        loss: PolicyLoss | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
-        loss: PolicyLoss | None = None,
         scale_rewards: Literal["group", "batch", "none"] = "group",
         num_iterations: int = 1,
         drop_zero_variance_groups: bool = False,
@@ -94,25 +111,30 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         predictions_path: str | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler)
-        if num_iterations < 1:
-            raise ValueError(f"GRPOModule: num_iterations must be >= 1, got {num_iterations!r}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"GRPOModule: max_grad_norm must be > 0 or null, got {max_grad_norm!r}")
-        if micro_batch_size is not None and not (isinstance(micro_batch_size, int) and micro_batch_size >= 1):
-            raise ValueError(
-                f"GRPOModule: micro_batch_size counts completions and must be an integer >= 1 or null, "
-                f"got {micro_batch_size!r}"
-            )
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "loss"])
+        loss = GRPOLoss() if loss is None else loss
+        check_grpo_settings(
+            backbone=backbone, rollout=rollout, rewards=rewards, reference=reference, loss=loss,
+            scale_rewards=scale_rewards, num_iterations=num_iterations, max_grad_norm=max_grad_norm,
+            micro_batch_size=micro_batch_size,
+        )  # fmt: skip
+        parts = ["backbone", "optimizer", "scheduler", "rollout", "rewards", "reference", "loss"]
+        self.save_hyperparameters(ignore=parts)
         self.automatic_optimization = False
         self._init_evaluation(eval_max_new_tokens, predictions_path)
-        if loss is not None and not isinstance(loss, PolicyLoss):
-            raise TypeError(
-                f"GRPOModule: loss must be a PolicyLoss (pathvlm_lightning.grpo.losses), got {type(loss).__name__}"
-            )
-        self.loss = GRPOLoss() if loss is None else loss
-        self.save_hyperparameters({"loss": self.loss.config()})  # hparams.yaml names the loss and its settings
-        self._chain: GRPOChain | None = None
+        # The parts, and settings handed to them: nothing flows back from a part to the module.
+        self.rollout = rollout
+        self.rewards = tuple(sorted(rewards, key=lambda r: r.name))  # a fixed order whatever the list order
+        self.reference = reference
+        self.loss = loss.bind(max_completion_length=rollout.max_new_tokens)
+        if reference is not None:
+            reference.bind(policy=backbone)
+        # hparams.yaml and the checkpoint name the whole objective, as a config writes it
+        self.save_hyperparameters({
+            "rollout": rollout.config(),
+            "rewards": [r.config() for r in rewards],
+            "reference": None if reference is None else reference.config(),
+            "loss": self.loss.config(),
+        })  # fmt: skip
         self._skipped_steps = 0
         self._sharing_mode_said: str | None = None  # the mode last written to TensorBoard's hparams/text
 
@@ -122,33 +144,27 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
 
     @property
     def micro_batch_size(self) -> int | None:
-        """Completions per log-prob pass (the reference callback slices the same way)."""
+        """Completions per log-prob pass."""
         return self.hparams.micro_batch_size
 
-    def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._chain = find_chain(self.trainer.callbacks, needs_reference=self.needs_reference)
-        group_size = self._chain.rollout.num_generations
-        if self.micro_batch_size is not None and self.micro_batch_size % group_size:
-            raise ValueError(
-                f"GRPOModule: micro_batch_size={self.micro_batch_size} must be a multiple of the rollout's "
-                f"num_generations={group_size}, so that each group's prompt stays in one pass"
-            )
-        self.loss.bind(max_completion_length=self._chain.rollout.max_new_tokens)
+    def configure_callbacks(self) -> list[Callback]:
+        """The parts that are Lightning callbacks (rollout, rewards, reference): Lightning calls their
+        hooks and checkpoints their state under their ``state_key``, as when they were listed in
+        ``trainer.callbacks``, so checkpoints written then resume now."""
+        return [self.rollout, *self.rewards, *([] if self.reference is None else [self.reference])]
 
     # ---- the step -------------------------------------------------------------------------------
     def make_rollout(self, batch: dict) -> tuple[Scored, tuple[MicroBatch, ...]]:
         """One batch through the stages (``grpo/stages.py``): sampled, parsed once, cut once into
         the micro-batch slices the reference and the policy share, scored, with advantages."""
-        chain = self._chain
-        samples = chain.rollout.generate(self, batch)  # Samples: B*G completions, each parsed once
-        for reward in chain.rewards:
+        samples = self.rollout.generate(self.backbone, batch)  # Samples: B*G completions, each parsed once
+        for reward in self.rewards:
             reward.begin(samples, self)
         slices = samples.micro_batches(self.micro_batch_size)  # cut once per step
-        ref_logprobs = chain.reference.reference_logprobs(self, slices) if self.needs_reference else None  # [B*G, L]
-        scores = {reward.name: reward.checked_score(samples, self).to(self.device) for reward in chain.rewards}
-        rewards = {reward.name: scores[reward.name] * reward.weight for reward in chain.rewards}  # [B*G] each
+        reference = self.reference
+        ref_logprobs = None if reference is None else reference.reference_logprobs(slices)  # [B*G, L]
+        scores = {reward.name: reward.checked_score(samples, self).to(self.device) for reward in self.rewards}
+        rewards = {reward.name: scores[reward.name] * reward.weight for reward in self.rewards}  # [B*G] each
         total = total_reward(rewards)  # [B*G]
         scale = self.hparams.scale_rewards
         batch_std = global_finite_std(total, self.trainer.strategy.reduce) if scale == "batch" else None
@@ -285,7 +301,7 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self.log("groups/trained_frac", trained.samples.num_prompts / rollout.num_prompts, **log)
         self.log("groups/skipped_steps", float(self._skipped_steps), reduce_fx="max", **log)
         self.log("rollout/tokens_per_s", lengths.sum() / max(rollout.generation_seconds, 1e-9), **log)
-        for reward in self._chain.rewards:
+        for reward in self.rewards:
             for key, value in reward.metrics().items():
                 reduce_fx = "sum" if key in reward.summed_metrics else "max" if key.endswith("_max") else "mean"
                 self.log(f"{reward.name}/{key}", float(value), reduce_fx=reduce_fx, **log)

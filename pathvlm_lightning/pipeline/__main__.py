@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="an overlay applied after every stage's own configs (repeatable), e.g. configs/rehearsal_cpu.yaml; "
-        "its callbacks update the stages' callbacks of the same class, its backbone model is where stages "
+        "its callbacks and GRPO parts (rollout, rewards, reference) update the stages' of the same class, its "
+        "backbone model is where stages "
         "without `needs` start (pipeline/overlay.py)",
     )
     parser.add_argument("--stages", default="", help="comma-separated stages to run (default: all)")

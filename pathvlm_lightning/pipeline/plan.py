@@ -32,7 +32,9 @@ from pathvlm_lightning.pipeline.overlay import (
 from pathvlm_lightning.stage_config import (
     StageConfigError,
     callbacks,
+    grpo_parts,
     init_args,
+    part_nodes,
     read_stage_yaml,
     short_name,
     start_model,
@@ -200,9 +202,9 @@ def load_plan(path: str | Path, overlays: list[str] | tuple[str, ...] = ()) -> P
                 )
         written[stage.name] = stage
         if read:
-            stage_callbacks.append(callbacks(own))
+            stage_callbacks.append([*callbacks(own), *part_nodes(own)])
             start = stages[needs].evaluated_model if needs is not None else None
-            overlay = stage_overlay(read, callbacks(own), start)
+            overlay = stage_overlay(read, callbacks(own), start, grpo_parts(own))
             stage = replace(stage, info=_stage_info(stage.config, _resolved(stage.config, overlay)), overlay=overlay)
         stages[stage.name] = stage
     unused = unused_callback_updates(read, stage_callbacks)
