@@ -108,6 +108,69 @@ def _lower_right(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | Causa
     return torch.arange(lk, device=query.device).unsqueeze(0) <= rows + (lk - lq)
 
 
+def _heads(tensor: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Key/value heads repeated ``repeat`` times (the CPU flash op takes equal head counts), contiguous."""
+    return (tensor.repeat_interleave(repeat, dim=1) if repeat > 1 else tensor).contiguous()
+
+
+def _head_sum(grad: torch.Tensor, repeat: int) -> torch.Tensor:
+    """The gradient of repeated heads [N, Hkv * repeat, L, d] summed back onto [N, Hkv, L, d]."""
+    return grad.unflatten(1, (-1, repeat)).sum(dim=2) if repeat > 1 else grad
+
+
+class _SplitBlockAttention(torch.autograd.Function):
+    """The G completion blocks' attention on CPU as two flash calls merged by their log-sum-exp.
+
+    One call puts all G*F block queries over the prompt's keys with no mask (the prompt's keys and
+    values are held once, not G times); the other runs each block causally over its own keys
+    (``is_causal``, whose masked tiles the CPU flash kernel skips, which it does not for an explicit
+    lower-right mask). With ``m = logaddexp(lse_prompt, lse_own)`` the output is
+    ``exp(lse_prompt - m) o_prompt + exp(lse_own - m) o_own``: attention over [prompt, own past].
+    Backward runs each call's flash backward with the merged output and log-sum-exp, which is the
+    gradient of the merged attention restricted to that call's keys (the softmax is normalised by
+    ``m``, and the row term ``sum(dO * O)`` is the merged output's).
+
+    q [G, Hq, F, d], prompt k/v [1, Hkv, P_i, d], own k/v [G, Hkv, F, d] -> [G, Hq, F, d].
+    """
+
+    @staticmethod
+    def forward(ctx, query, key_prompt, value_prompt, key_own, value_own, scale):
+        g, heads, fed, dim = query.shape
+        repeat = heads // key_prompt.shape[1]
+        flat_query = query.transpose(0, 1).reshape(1, heads, g * fed, dim)  # [1, Hq, G*F, d]
+        kp, vp, ko, vo = (_heads(t, repeat) for t in (key_prompt, value_prompt, key_own, value_own))
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_prompt, lse_prompt = flash(flat_query, kp, vp, 0.0, False, scale=scale)  # [1, Hq, G*F, d], [1, Hq, G*F]
+        query = query.contiguous()
+        out_own, lse_own = flash(query, ko, vo, 0.0, True, scale=scale)  # [G, Hq, F, d], [G, Hq, F]
+        lse_prompt = lse_prompt.view(heads, g, fed).transpose(0, 1)  # [G, Hq, F]
+        out_prompt = out_prompt.view(heads, g, fed, dim).transpose(0, 1)  # [G, Hq, F, d]
+        lse = torch.logaddexp(lse_prompt, lse_own)  # [G, Hq, F]
+        weight_prompt, weight_own = (lse_prompt - lse).exp_().unsqueeze(-1), (lse_own - lse).exp_().unsqueeze(-1)
+        out = (weight_prompt * out_prompt + weight_own * out_own).to(query.dtype)  # [G, Hq, F, d]
+        ctx.save_for_backward(flat_query, query, kp, vp, ko, vo, out, lse)
+        ctx.scale, ctx.repeat = scale, repeat
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat_query, query, kp, vp, ko, vo, out, lse = ctx.saved_tensors
+        g, heads, fed, dim = query.shape
+        grad_out = grad_out.to(out.dtype).contiguous()
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+        def flat(t: torch.Tensor) -> torch.Tensor:  # [G, Hq, F, ...] -> [1, Hq, G*F, ...], the prompt call's layout
+            return t.transpose(0, 1).reshape(1, heads, g * fed, *t.shape[3:])
+
+        gq_prompt, gk_prompt, gv_prompt = backward(
+            flat(grad_out), flat_query, kp, vp, flat(out), flat(lse.unsqueeze(-1)).squeeze(-1), 0.0, False, scale=ctx.scale
+        )
+        gq_own, gk_own, gv_own = backward(grad_out, query, ko, vo, out, lse.contiguous(), 0.0, True, scale=ctx.scale)
+        grad_query = gq_own + gq_prompt.view(heads, g, fed, dim).transpose(0, 1)
+        r = ctx.repeat
+        return grad_query, _head_sum(gk_prompt, r), _head_sum(gv_prompt, r), _head_sum(gk_own, r), _head_sum(gv_own, r), None
+
+
 def grouped_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -136,9 +199,12 @@ def grouped_attention(
             q_blocks, k_blocks, v_blocks = (  # [G, H, F, d]
                 t[i, :, p:].unflatten(1, (g, fed)).transpose(0, 1) for t in (query, key, value)
             )
-            k_seen = torch.cat([k_prompt.expand(g, -1, -1, -1), k_blocks], dim=2)  # [G, Hkv, P_i + F, d]
-            v_seen = torch.cat([v_prompt.expand(g, -1, -1, -1), v_blocks], dim=2)
-            blocks = _sdpa(q_blocks, k_seen, v_seen, dropout, scaling, lower_right=True)  # [G, Hq, F, d]
+            if q_blocks.device.type == "cpu" and not (dropout and module.training):
+                blocks = _SplitBlockAttention.apply(q_blocks, k_prompt, v_prompt, k_blocks, v_blocks, scaling)
+            else:
+                k_seen = torch.cat([k_prompt.expand(g, -1, -1, -1), k_blocks], dim=2)  # [G, Hkv, P_i + F, d]
+                v_seen = torch.cat([v_prompt.expand(g, -1, -1, -1), v_blocks], dim=2)
+                blocks = _sdpa(q_blocks, k_seen, v_seen, dropout, scaling, lower_right=True)  # [G, Hq, F, d]
             parts.append(blocks.transpose(0, 1).flatten(1, 2))  # [Hq, G*F, d]
         rows.append(torch.cat(parts, dim=1))  # [Hq, S, d]
     return torch.stack(rows).transpose(1, 2).contiguous(), None  # [B, S, Hq, d]
