@@ -137,38 +137,46 @@ class _SplitBlockAttention(torch.autograd.Function):
     def forward(ctx, query, key_prompt, value_prompt, key_own, value_own, scale):
         g, heads, fed, dim = query.shape
         repeat = heads // key_prompt.shape[1]
-        flat_query = query.transpose(0, 1).reshape(1, heads, g * fed, dim)  # [1, Hq, G*F, d]
-        kp, vp, ko, vo = (_heads(t, repeat) for t in (key_prompt, value_prompt, key_own, value_own))
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_prompt, lse_prompt = flash(flat_query, kp, vp, 0.0, False, scale=scale)  # [1, Hq, G*F, d], [1, Hq, G*F]
-        query = query.contiguous()
-        out_own, lse_own = flash(query, ko, vo, 0.0, True, scale=scale)  # [G, Hq, F, d], [G, Hq, F]
+        out_prompt, lse_prompt = flash(  # [1, Hq, G*F, d], [1, Hq, G*F]
+            _flat(query), _heads(key_prompt, repeat), _heads(value_prompt, repeat), 0.0, False, scale=scale
+        )
+        out_own, lse_own = flash(  # [G, Hq, F, d], [G, Hq, F]
+            query.contiguous(), _heads(key_own, repeat), _heads(value_own, repeat), 0.0, True, scale=scale
+        )
         lse_prompt = lse_prompt.view(heads, g, fed).transpose(0, 1)  # [G, Hq, F]
         out_prompt = out_prompt.view(heads, g, fed, dim).transpose(0, 1)  # [G, Hq, F, d]
         lse = torch.logaddexp(lse_prompt, lse_own)  # [G, Hq, F]
         weight_prompt, weight_own = (lse_prompt - lse).exp_().unsqueeze(-1), (lse_own - lse).exp_().unsqueeze(-1)
         out = (weight_prompt * out_prompt + weight_own * out_own).to(query.dtype)  # [G, Hq, F, d]
-        ctx.save_for_backward(flat_query, query, kp, vp, ko, vo, out, lse)
+        # Saved: the inputs as given (views into the layer's own projections, no copies) and the merged
+        # output and log-sum-exp; the contiguous and head-repeated copies are made again in backward.
+        ctx.save_for_backward(query, key_prompt, value_prompt, key_own, value_own, out, lse)
         ctx.scale, ctx.repeat = scale, repeat
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat_query, query, kp, vp, ko, vo, out, lse = ctx.saved_tensors
+        query, key_prompt, value_prompt, key_own, value_own, out, lse = ctx.saved_tensors
         g, heads, fed, dim = query.shape
+        r, scale = ctx.repeat, ctx.scale
         grad_out = grad_out.to(out.dtype).contiguous()
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-        def flat(t: torch.Tensor) -> torch.Tensor:  # [G, Hq, F, ...] -> [1, Hq, G*F, ...], the prompt call's layout
-            return t.transpose(0, 1).reshape(1, heads, g * fed, *t.shape[3:])
-
         gq_prompt, gk_prompt, gv_prompt = backward(
-            flat(grad_out), flat_query, kp, vp, flat(out), flat(lse.unsqueeze(-1)).squeeze(-1), 0.0, False, scale=ctx.scale
+            _flat(grad_out), _flat(query), _heads(key_prompt, r), _heads(value_prompt, r), _flat(out),
+            _flat(lse.unsqueeze(-1)).squeeze(-1), 0.0, False, scale=scale,
         )
-        gq_own, gk_own, gv_own = backward(grad_out, query, ko, vo, out, lse.contiguous(), 0.0, True, scale=ctx.scale)
+        gq_own, gk_own, gv_own = backward(
+            grad_out, query.contiguous(), _heads(key_own, r), _heads(value_own, r), out, lse.contiguous(), 0.0, True,
+            scale=scale,
+        )
         grad_query = gq_own + gq_prompt.view(heads, g, fed, dim).transpose(0, 1)
-        r = ctx.repeat
         return grad_query, _head_sum(gk_prompt, r), _head_sum(gv_prompt, r), _head_sum(gk_own, r), _head_sum(gv_own, r), None
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """[G, Hq, F, ...] -> [1, Hq, G*F, ...] contiguous: the G blocks' queries as one sequence for the prompt call."""
+    return tensor.transpose(0, 1).reshape(1, tensor.shape[1], tensor.shape[0] * tensor.shape[2], *tensor.shape[3:])
 
 
 def grouped_attention(
