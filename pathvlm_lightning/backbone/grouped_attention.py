@@ -4,12 +4,14 @@ The split of Prefix Grouper (arXiv 2506.05433), written for SDPA: per prompt, th
 tokens attend causally to each other once, and the G completion blocks attend, as a batch of G, over
 ``[prompt keys/values, own keys/values]`` with a lower-right causal alignment (token ``j`` of a block
 sees the whole prompt and its own tokens ``0..j``). Every call is
-``torch.nn.functional.scaled_dot_product_attention``: on CUDA the prompt call (``is_causal``) and the
-completion call (``causal_lower_right``, a bias object, not a tensor) reach the flash or
-memory-efficient kernels; on CPU the completion call takes its [L-1, P+L-1] lower-right bool mask
-(per prompt, shared by G and the heads) and runs the CPU flash kernel, with its backward. The
-largest attention tensors are thus per prompt [G, heads, P+L-1, head_dim] keys and values (G times
-the prompt's, as the repeated cache of ``shared_prompt.py`` holds) and nothing of S x S elements.
+a flash kernel: on CUDA the prompt call (``is_causal``) and the completion call (``causal_lower_right``,
+a bias object, not a tensor) of ``torch.nn.functional.scaled_dot_product_attention`` reach the flash
+or memory-efficient kernels. On CPU, whose flash kernel skips masked tiles only for ``is_causal``,
+the completion blocks run as two flash calls merged by their log-sum-exp
+(:class:`_SplitBlockAttention`): all G*(L-1) block queries over the prompt's keys with no mask, and
+each block causally over its own keys; an explicit lower-right mask would cost G (L-1)(P+L-1)
+query-key pairs, the split G (L-1) P + G (L-1)^2 / 2, with the prompt's keys held once. The largest
+attention tensors are per prompt [G, heads, L-1, head_dim] and nothing has S x S elements.
 
 Left padding: each prompt's real tokens are a suffix of its row; only that suffix is attended, so
 no padding key is ever seen and no padding mask is needed. Padding queries get zeros (their outputs
