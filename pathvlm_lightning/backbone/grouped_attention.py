@@ -173,7 +173,8 @@ class _SplitBlockAttention(torch.autograd.Function):
             scale=scale,
         )
         grad_query = gq_own + gq_prompt.view(heads, g, fed, dim).transpose(0, 1)
-        return grad_query, _head_sum(gk_prompt, r), _head_sum(gv_prompt, r), _head_sum(gk_own, r), _head_sum(gv_own, r), None
+        grads = (_head_sum(g, r) for g in (gk_prompt, gv_prompt, gk_own, gv_own))  # onto the key/value heads
+        return (grad_query, *grads, None)
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
