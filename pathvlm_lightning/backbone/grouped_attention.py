@@ -173,7 +173,7 @@ class _SplitBlockAttention(torch.autograd.Function):
             scale=scale,
         )
         grad_query = gq_own + gq_prompt.view(heads, g, fed, dim).transpose(0, 1)
-        grads = (_head_sum(g, r) for g in (gk_prompt, gv_prompt, gk_own, gv_own))  # onto the key/value heads
+        grads = (_head_sum(grad, r) for grad in (gk_prompt, gv_prompt, gk_own, gv_own))  # onto the key/value heads
         return (grad_query, *grads, None)
 
 
