@@ -20,7 +20,7 @@ from tests.test_families import _prompts, twins
 
 # Upper 0.1 % points of the chi-square distribution (tables): a correct sampler exceeds them once in
 # a thousand seeds; the seeds below are fixed, so the tests are deterministic.
-CHI2_999 = {2: 13.816, 5: 20.515}
+CHI2_999 = {2: 13.816, 4: 18.467, 5: 20.515}
 DRAWS = 200_000
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,6 +159,29 @@ def test_nucleus_keeps_the_most_likely_ids_up_to_top_p():
     assert _chi_square(ids, kept / kept.sum()) < CHI2_999[2]
     assert nucleus(LOGITS[None], 0.5).isfinite().sum() == 1  # the most likely id alone already holds .561
     assert nucleus(LOGITS[None], 1.0).isfinite().all()
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 5])  # blocks that divide V = 6, leave a short last block, or are 1 id
+def test_block_search_draws_from_the_softmax(block):
+    logits = LOGITS.clone()
+    logits[3] = -torch.inf  # a removed id inside a block is never drawn
+    torch.manual_seed(2)
+    ids = inverse_cdf_sample(logits.expand(DRAWS, -1), block=block)
+    assert _chi_square(ids, torch.softmax(logits, dim=-1)) < CHI2_999[4]
+    assert _chi_square(ids, torch.softmax(logits / 1.1, dim=-1)) > 10 * CHI2_999[4]  # it would see 10 % off
+
+
+def test_a_sampling_step_allocates_nothing_larger_than_the_logits():
+    # A float64 [N, V] running sum (twice the logits) freed at every decoding step raised glibc's mmap
+    # threshold above the logits' size and fragmented the heap (+2.2 GiB in benchmark (b)).
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(4, 151_936)
+    rule = SamplingRule(eos_token_ids=(0,), suppressed_ids=(1, 2), min_new_tokens=2)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        rule.next_tokens(logits, step=0)
+    largest = max(event.self_cpu_memory_usage for event in prof.events())  # bytes one op allocated
+    assert 0 < largest <= logits.numel() * logits.element_size()
 
 
 def test_rule_removes_vision_ids_and_early_eos_but_records_the_full_softmax():

@@ -106,15 +106,21 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def _sdpa_calls(monkeypatch) -> list[bool]:
-    """Filled with ``lower_right`` of every SDPA call the grouped attention makes."""
+    """Filled with ``lower_right`` of every SDPA call the grouped attention makes (the completion blocks'
+    split flash calls on CPU count as one lower-right call: the blocks over [prompt, own past])."""
     calls: list[bool] = []
-    original = grouped_attention._sdpa
+    original, split = grouped_attention._sdpa, grouped_attention._SplitBlockAttention.apply
 
     def counted(*args, lower_right):
         calls.append(lower_right)
         return original(*args, lower_right=lower_right)
 
+    def counted_split(*args):
+        calls.append(True)
+        return split(*args)
+
     monkeypatch.setattr(grouped_attention, "_sdpa", counted)
+    monkeypatch.setattr(grouped_attention._SplitBlockAttention, "apply", counted_split)
     return calls
 
 

@@ -4,12 +4,14 @@ The split of Prefix Grouper (arXiv 2506.05433), written for SDPA: per prompt, th
 tokens attend causally to each other once, and the G completion blocks attend, as a batch of G, over
 ``[prompt keys/values, own keys/values]`` with a lower-right causal alignment (token ``j`` of a block
 sees the whole prompt and its own tokens ``0..j``). Every call is
-``torch.nn.functional.scaled_dot_product_attention``: on CUDA the prompt call (``is_causal``) and the
-completion call (``causal_lower_right``, a bias object, not a tensor) reach the flash or
-memory-efficient kernels; on CPU the completion call takes its [L-1, P+L-1] lower-right bool mask
-(per prompt, shared by G and the heads) and runs the CPU flash kernel, with its backward. The
-largest attention tensors are thus per prompt [G, heads, P+L-1, head_dim] keys and values (G times
-the prompt's, as the repeated cache of ``shared_prompt.py`` holds) and nothing of S x S elements.
+a flash kernel: on CUDA the prompt call (``is_causal``) and the completion call (``causal_lower_right``,
+a bias object, not a tensor) of ``torch.nn.functional.scaled_dot_product_attention`` reach the flash
+or memory-efficient kernels. On CPU, whose flash kernel skips masked tiles only for ``is_causal``,
+the completion blocks run as two flash calls merged by their log-sum-exp
+(:class:`_SplitBlockAttention`): all G*(L-1) block queries over the prompt's keys with no mask, and
+each block causally over its own keys; an explicit lower-right mask would cost G (L-1)(P+L-1)
+query-key pairs, the split G (L-1) P + G (L-1)^2 / 2, with the prompt's keys held once. The largest
+attention tensors are per prompt [G, heads, L-1, head_dim] and nothing has S x S elements.
 
 Left padding: each prompt's real tokens are a suffix of its row; only that suffix is attended, so
 no padding key is ever seen and no padding mask is needed. Padding queries get zeros (their outputs
@@ -108,6 +110,78 @@ def _lower_right(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | Causa
     return torch.arange(lk, device=query.device).unsqueeze(0) <= rows + (lk - lq)
 
 
+def _heads(tensor: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Key/value heads repeated ``repeat`` times (the CPU flash op takes equal head counts), contiguous."""
+    return (tensor.repeat_interleave(repeat, dim=1) if repeat > 1 else tensor).contiguous()
+
+
+def _head_sum(grad: torch.Tensor, repeat: int) -> torch.Tensor:
+    """The gradient of repeated heads [N, Hkv * repeat, L, d] summed back onto [N, Hkv, L, d]."""
+    return grad.unflatten(1, (-1, repeat)).sum(dim=2) if repeat > 1 else grad
+
+
+class _SplitBlockAttention(torch.autograd.Function):
+    """The G completion blocks' attention on CPU as two flash calls merged by their log-sum-exp.
+
+    One call puts all G*F block queries over the prompt's keys with no mask (the prompt's keys and
+    values are held once, not G times); the other runs each block causally over its own keys
+    (``is_causal``, whose masked tiles the CPU flash kernel skips, which it does not for an explicit
+    lower-right mask). With ``m = logaddexp(lse_prompt, lse_own)`` the output is
+    ``exp(lse_prompt - m) o_prompt + exp(lse_own - m) o_own``: attention over [prompt, own past].
+    Backward runs each call's flash backward with the merged output and log-sum-exp, which is the
+    gradient of the merged attention restricted to that call's keys (the softmax is normalised by
+    ``m``, and the row term ``sum(dO * O)`` is the merged output's).
+
+    q [G, Hq, F, d], prompt k/v [1, Hkv, P_i, d], own k/v [G, Hkv, F, d] -> [G, Hq, F, d].
+    """
+
+    @staticmethod
+    def forward(ctx, query, key_prompt, value_prompt, key_own, value_own, scale):
+        g, heads, fed, dim = query.shape
+        repeat = heads // key_prompt.shape[1]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_prompt, lse_prompt = flash(  # [1, Hq, G*F, d], [1, Hq, G*F]
+            _flat(query), _heads(key_prompt, repeat), _heads(value_prompt, repeat), 0.0, False, scale=scale
+        )
+        out_own, lse_own = flash(  # [G, Hq, F, d], [G, Hq, F]
+            query.contiguous(), _heads(key_own, repeat), _heads(value_own, repeat), 0.0, True, scale=scale
+        )
+        lse_prompt = lse_prompt.view(heads, g, fed).transpose(0, 1)  # [G, Hq, F]
+        out_prompt = out_prompt.view(heads, g, fed, dim).transpose(0, 1)  # [G, Hq, F, d]
+        lse = torch.logaddexp(lse_prompt, lse_own)  # [G, Hq, F]
+        weight_prompt, weight_own = (lse_prompt - lse).exp_().unsqueeze(-1), (lse_own - lse).exp_().unsqueeze(-1)
+        out = (weight_prompt * out_prompt + weight_own * out_own).to(query.dtype)  # [G, Hq, F, d]
+        # Saved: the inputs as given (views into the layer's own projections, no copies) and the merged
+        # output and log-sum-exp; the contiguous and head-repeated copies are made again in backward.
+        ctx.save_for_backward(query, key_prompt, value_prompt, key_own, value_own, out, lse)
+        ctx.scale, ctx.repeat = scale, repeat
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key_prompt, value_prompt, key_own, value_own, out, lse = ctx.saved_tensors
+        g, heads, fed, dim = query.shape
+        r, scale = ctx.repeat, ctx.scale
+        grad_out = grad_out.to(out.dtype).contiguous()
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        gq_prompt, gk_prompt, gv_prompt = backward(
+            _flat(grad_out), _flat(query), _heads(key_prompt, r), _heads(value_prompt, r), _flat(out),
+            _flat(lse.unsqueeze(-1)).squeeze(-1), 0.0, False, scale=scale,
+        )
+        gq_own, gk_own, gv_own = backward(
+            grad_out, query.contiguous(), _heads(key_own, r), _heads(value_own, r), out, lse.contiguous(), 0.0, True,
+            scale=scale,
+        )
+        grad_query = gq_own + gq_prompt.view(heads, g, fed, dim).transpose(0, 1)
+        grads = (_head_sum(grad, r) for grad in (gk_prompt, gv_prompt, gk_own, gv_own))  # onto the key/value heads
+        return (grad_query, *grads, None)
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """[G, Hq, F, ...] -> [1, Hq, G*F, ...] contiguous: the G blocks' queries as one sequence for the prompt call."""
+    return tensor.transpose(0, 1).reshape(1, tensor.shape[1], tensor.shape[0] * tensor.shape[2], *tensor.shape[3:])
+
+
 def grouped_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -136,9 +210,12 @@ def grouped_attention(
             q_blocks, k_blocks, v_blocks = (  # [G, H, F, d]
                 t[i, :, p:].unflatten(1, (g, fed)).transpose(0, 1) for t in (query, key, value)
             )
-            k_seen = torch.cat([k_prompt.expand(g, -1, -1, -1), k_blocks], dim=2)  # [G, Hkv, P_i + F, d]
-            v_seen = torch.cat([v_prompt.expand(g, -1, -1, -1), v_blocks], dim=2)
-            blocks = _sdpa(q_blocks, k_seen, v_seen, dropout, scaling, lower_right=True)  # [G, Hq, F, d]
+            if q_blocks.device.type == "cpu" and not (dropout and module.training):
+                blocks = _SplitBlockAttention.apply(q_blocks, k_prompt, v_prompt, k_blocks, v_blocks, scaling)
+            else:
+                k_seen = torch.cat([k_prompt.expand(g, -1, -1, -1), k_blocks], dim=2)  # [G, Hkv, P_i + F, d]
+                v_seen = torch.cat([v_prompt.expand(g, -1, -1, -1), v_blocks], dim=2)
+                blocks = _sdpa(q_blocks, k_seen, v_seen, dropout, scaling, lower_right=True)  # [G, Hq, F, d]
             parts.append(blocks.transpose(0, 1).flatten(1, 2))  # [Hq, G*F, d]
         rows.append(torch.cat(parts, dim=1))  # [Hq, S, d]
     return torch.stack(rows).transpose(1, 2).contiguous(), None  # [B, S, Hq, d]

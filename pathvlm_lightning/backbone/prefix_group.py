@@ -11,9 +11,10 @@ gather and reshard as usual) and under activation checkpointing (the recomputed 
 same layout and positions).
 
 Attention (``backbone/grouped_attention.py``): the prompt attends to itself once, and the G blocks
-attend over [prompt, own past], two SDPA calls per prompt, with no [S, S] tensor (S = P + G (L-1)):
-query-key pairs ~ P^2 / 2 + G (L-1) (P + L/2), against G (P + L)^2 / 2 for G copies. The
-projections and MLPs, which dominate a large model, see P + G (L-1) tokens instead of G (P + L).
+attend over [prompt, own past] (two SDPA calls per prompt on CUDA, three flash calls on CPU), with no
+[S, S] tensor (S = P + G (L-1)): query-key pairs ~ P^2 / 2 + G (L-1) (P + L/2), against G (P + L)^2 / 2
+for G copies. The projections and MLPs, which dominate a large model, see P + G (L-1) tokens instead of
+G (P + L).
 It uses SDPA whatever attention the model was loaded with (the vision tower keeps its own), so
 :func:`can_group` still names the backends this path is chosen for.
 

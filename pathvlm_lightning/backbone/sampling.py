@@ -14,8 +14,9 @@ Sampling inverts the cumulative distribution: with ``w = exp(logits - max)`` (0 
 and one uniform ``u`` per row, the id is the first whose running sum of ``w`` exceeds ``u * sum(w)``,
 so id ``i`` is drawn with probability ``w_i / sum(w)``: the softmax, with no normalisation pass and
 one random number per row. The running sums and ``u`` are float64, so ids of probability down to
-~1e-15 keep their share. ``torch.multinomial`` (what transformers' sampler calls) draws from the
-same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
+~1e-15 keep their share; the search runs over blocks of ids, then within one, so that no step holds
+more than the logits' size (:func:`inverse_cdf_sample`). ``torch.multinomial`` (what transformers'
+sampler calls) draws from the same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
 (``argmax(w / E)``, ``E ~ Exp(1)``, the Gumbel-max trick) needs a random number per id, and drawing
 151,936 of them per row made it nearly as slow as ``torch.multinomial`` (0.91x; ``benchmarks/README.md``).
 
@@ -87,17 +88,52 @@ class SamplingRule:
         return allowed
 
 
-def inverse_cdf_sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+SAMPLE_BLOCK = 4096
+"""Ids per block of :func:`inverse_cdf_sample`'s two-level search."""
+
+
+def inverse_cdf_sample(
+    logits: torch.Tensor, generator: torch.Generator | None = None, *, block: int = SAMPLE_BLOCK
+) -> torch.Tensor:
     """One id per row [N] drawn with probability ``softmax(logits)`` from logits [N, V] (-inf: never).
 
-    The first id whose float64 running sum of ``exp(logits - max)`` exceeds ``u * total``, ``u`` uniform
-    in [0, 1) (float64).
+    With ``w = exp(logits - max)`` and ``u`` uniform in [0, 1) (float64), the id is the first whose running
+    sum of ``w`` exceeds ``u * sum(w)``, found in two levels so that no step allocates more than the
+    logits' own size: the vocabulary's blocks of ``block`` ids (float32 block sums, their float64
+    running sum [N, V / block]) give the block, then the chosen block's float64 running sum [N, block]
+    gives the id, at the same fraction of the block's own total. Ids within a block keep their float64
+    shares (down to ~1e-15); a block's mass carries the float32 sum's rounding (~1e-7 relative).
+
+    Why the size matters (``benchmarks/README.md``, benchmark (b)): a float64 [N, V] running sum, twice
+    the logits, freed at every decoding step, raised glibc's dynamic mmap threshold above the logits'
+    size, so every [N, V] float32 temporary of the decode loop went to the heap, interleaved with the
+    growing key/value cache, and the heap fragmented: +2.2 GiB of resident memory over 256 steps.
     """
     weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # [N, V] unnormalised probabilities
-    running = weights.cumsum(dim=-1, dtype=torch.float64)  # [N, V]
-    uniform = torch.rand((logits.shape[0], 1), dtype=torch.float64, device=logits.device, generator=generator)
-    ids = torch.searchsorted(running, uniform * running[:, -1:], right=True).squeeze(1)  # [N]
-    return ids.clamp_(max=logits.shape[-1] - 1)  # u * total rounded up to total (p ~ 1e-16): the last id
+    rows, vocab = weights.shape
+    block = max(1, min(block, vocab))
+    full = vocab - vocab % block
+    sums = weights[:, :full].view(rows, full // block, block).sum(dim=-1)  # [N, nb] float32
+    if full < vocab:
+        sums = torch.cat([sums, weights[:, full:].sum(dim=-1, keepdim=True)], dim=1)  # the short last block
+    blocks = sums.shape[1]
+    running = sums.double().cumsum(dim=-1)  # [N, nb]
+    uniform = torch.rand((rows, 1), dtype=torch.float64, device=logits.device, generator=generator)
+    target = uniform * running[:, -1:]  # [N, 1]
+    order = torch.arange(1, blocks + 1, device=logits.device)
+    last_positive = ((sums > 0) * order).argmax(dim=-1, keepdim=True)  # [N, 1] (u * total rounded up to total)
+    chosen = torch.searchsorted(running, target, right=True).clamp_(max=blocks - 1)  # [N, 1]
+    chosen = torch.minimum(chosen, last_positive)
+    before = running.gather(1, (chosen - 1).clamp(min=0)).masked_fill_(chosen == 0, 0.0)  # [N, 1]
+    fraction = ((target - before) / sums.gather(1, chosen).double()).clamp_(0.0, 1.0)  # [N, 1] within the block
+    index = chosen * block + torch.arange(block, device=logits.device)  # [N, block]
+    inside = index < vocab
+    local = weights.gather(1, index.clamp(max=vocab - 1)).double().masked_fill_(~inside, 0.0).cumsum(dim=-1)
+    position = torch.searchsorted(local, fraction * local[:, -1:], right=True)  # [N, 1]
+    grows = local > torch.cat([local.new_zeros(rows, 1), local[:, :-1]], dim=1)  # [N, block] ids of weight > 0
+    last_nonzero = (grows * torch.arange(1, block + 1, device=logits.device)).argmax(dim=-1, keepdim=True)  # [N, 1]
+    position = torch.minimum(position, last_nonzero)
+    return (chosen * block + position).squeeze(1)
 
 
 def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -15,14 +15,14 @@ arrive once, summed over its G completions, which is the sum the copies would pr
   prompt's rope delta).
 - ``grouped`` (``backbone/prefix_group.py``): one sequence per prompt, ``[prompt, c_1, ..., c_G]``,
   in one ordinary forward whose attention (``backbone/grouped_attention.py``) runs the prompt's
-  self-attention once and each completion over [prompt keys/values, its own], two SDPA calls per
-  prompt and no [S, S] tensor (S = P + G x (L-1)). Needs the model loaded with ``sdpa`` or
+  self-attention once and each completion over [prompt keys/values, its own] (flash calls, see
+  there) and no [S, S] tensor (S = P + G x (L-1)). Needs the model loaded with ``sdpa`` or
   ``eager`` (the grouped attention itself is SDPA); works sharded (FSDP2), under activation
   checkpointing and for text-only prompts. Measured at a 7B attention geometry
-  (``benchmarks/prefix_vs_copies.py --paper-shape``, P = 1,301, G = 8, CPU): at 1,024 completion
-  tokens ``cache`` took 0.92x grouped's time, at 256 grouped took 0.70x ``cache``'s. ``cache`` is
-  still chosen wherever it can run (one process, no checkpointing); which one wins at short
-  completions on a GPU is not measured yet.
+  (``benchmarks/prefix_vs_copies.py --paper-shape``, P = 1,301, G = 8, CPU, with the split flash
+  calls of ``grouped_attention.py``): grouped took 0.89x ``cache``'s time at 1,024 completion tokens
+  and 0.58x at 256, with 1.05x and 1.11x its memory. ``cache`` is still chosen wherever it can run
+  (one process, no checkpointing); which one wins on a GPU is not measured yet.
 - ``images`` (:func:`expanded_image_features`): only the images are encoded once, their features
   handed to the G copies (``mm_encoder_outputs``, transformers 5.2x only); the prompt tokens still
   run G times. For flash-attention under activation checkpointing.
