@@ -50,7 +50,7 @@ class FirstGroupReward(RewardCallback):
         super().__init__()
         self.batches = 0
 
-    def score(self, rollout: Samples, pl_module: Any) -> torch.Tensor:
+    def score(self, rollout: Samples) -> torch.Tensor:
         scores = torch.zeros(rollout.num_completions)  # [B*G]
         if self.batches == 0:
             scores[: rollout.group_size] = torch.arange(rollout.group_size, dtype=torch.float32)
@@ -72,7 +72,7 @@ class HalfAbstainingReward(RewardCallback):
 
     default_name = "half"
 
-    def score(self, rollout: Samples, pl_module: Any) -> torch.Tensor:
+    def score(self, rollout: Samples) -> torch.Tensor:
         scores = torch.tensor([len(t) / 10 for t in rollout.completion_texts])  # [B*G]
         scores[1::2] = math.nan
         return scores

@@ -79,8 +79,8 @@ def test_begin_then_score_returns_one_reward_per_completion(judge_server, judge_
     callback = make_callback(judge_server)
     rollout = make_rollout(tmp_path, COMPLETIONS)
     try:
-        callback.begin(rollout, None)
-        rewards = callback.score(rollout, None)
+        callback.begin(rollout)
+        rewards = callback.score(rollout)
         assert rewards.dtype == torch.float32 and rewards.shape == (4,)
         assert rewards.tolist() == pytest.approx([0.4, 0.5, 0.0, 1.0])
         metrics = callback.metrics()
@@ -99,7 +99,7 @@ def test_score_without_begin_still_scores(judge_server, judge_key, tmp_path):
     judge_server.responder = by_marker
     callback = make_callback(judge_server)
     try:
-        assert callback.score(make_rollout(tmp_path, COMPLETIONS[:2]), None).tolist() == pytest.approx([0.4, 0.5])
+        assert callback.score(make_rollout(tmp_path, COMPLETIONS[:2])).tolist() == pytest.approx([0.4, 0.5])
     finally:
         callback.close()
 
@@ -116,10 +116,10 @@ def test_begin_returns_before_the_judge_answers(judge_server, judge_key, tmp_pat
     callback = make_callback(judge_server)
     rollout = make_rollout(tmp_path, COMPLETIONS[:2])
     try:
-        callback.begin(rollout, None)
+        callback.begin(rollout)
         assert not callback._pending[1].done()  # begin returned while the judge still holds the replies
         released.set()
-        assert callback.score(rollout, None).tolist() == [1.0, 1.0]
+        assert callback.score(rollout).tolist() == [1.0, 1.0]
     finally:
         released.set()
         callback.close()
@@ -129,7 +129,7 @@ def test_a_failing_judge_never_raises(judge_server, judge_key, tmp_path):
     judge_server.responder = lambda body: Scripted(status=503)
     callback = make_callback(judge_server, max_retries=1)
     try:
-        rewards = callback.score(make_rollout(tmp_path, COMPLETIONS), None)
+        rewards = callback.score(make_rollout(tmp_path, COMPLETIONS))
         assert rewards.tolist() == [0.5, 0.5, 0.0, 0.0]  # fallbacks by correctness
         assert callback.metrics()["fallback/http_status"] == 4 and callback.metrics()["requests"] == 8
     finally:
@@ -140,7 +140,7 @@ def test_budget_survives_a_resume(judge_server, judge_key, tmp_path):
     judge_server.responder = by_marker
     first = make_callback(judge_server, budget_requests=5)
     try:
-        first.score(make_rollout(tmp_path, COMPLETIONS), None)
+        first.score(make_rollout(tmp_path, COMPLETIONS))
         state = first.state_dict()
     finally:
         first.close()
@@ -148,7 +148,7 @@ def test_budget_survives_a_resume(judge_server, judge_key, tmp_path):
     resumed.load_state_dict(state)  # before setup, as Lightning may do
     try:
         resumed.setup(None, None, "fit")
-        resumed.score(make_rollout(tmp_path, COMPLETIONS), None)
+        resumed.score(make_rollout(tmp_path, COMPLETIONS))
         # 4 spent before: one request left, so three of four completions fall back for the budget.
         assert resumed.metrics()["fallback/budget"] == 3
         assert resumed.state_dict()["spent_requests"] == 5
@@ -163,11 +163,11 @@ def test_rejected_credentials_stop_scoring_after_max_auth_failures_in_a_row(judg
     judge_server.responder = lambda body: Scripted(status=401)
     callback = make_callback(judge_server, max_auth_failures=6, concurrency=1)
     try:
-        assert callback.score(make_rollout(tmp_path, COMPLETIONS), None).tolist() == [0.5, 0.5, 0.0, 0.0]
+        assert callback.score(make_rollout(tmp_path, COMPLETIONS)).tolist() == [0.5, 0.5, 0.0, 0.0]
         assert callback.metrics()["fallback/auth"] == 4 and callback.metrics()["fallback/http_status"] == 0
         with pytest.raises(JudgeAuthError, match=f"rejected the credentials from the environment variable "
                                                  f"{JUDGE_KEY_ENV} \\(HTTP 401, 6 requests in a row"):
-            callback.score(make_rollout(tmp_path, [c + " again" for c in COMPLETIONS]), None)
+            callback.score(make_rollout(tmp_path, [c + " again" for c in COMPLETIONS]))
     finally:
         callback.close()
     assert len(judge_server.requests) == 6  # the last two were never sent
@@ -211,9 +211,9 @@ def test_the_api_key_appears_nowhere(judge_server, monkeypatch, tmp_path, caplog
     rollout = make_rollout(tmp_path, COMPLETIONS)
     with caplog.at_level(logging.DEBUG):
         callback.setup(None, None, "fit")
-        callback.begin(rollout, None)
-        callback.score(rollout, None)
-        callback.score(rollout, None)  # cache hits
+        callback.begin(rollout)
+        callback.score(rollout)
+        callback.score(rollout)  # cache hits
         logging.getLogger("train").info("metrics %s", callback.metrics())
         print(callback.metrics(), callback.state_dict())
         state = callback.state_dict()
@@ -262,7 +262,7 @@ def test_rubric_callback_scores_offline(tmp_path):
     bad = "<think>The nuclei are not large. The answer is B.</think><answer>A) Large</answer>"
     rollout = make_rollout(tmp_path, [good, bad], group_size=2)
     callback = RubricProcessReward()
-    rewards = callback.score(rollout, None)
+    rewards = callback.score(rollout)
     assert callback.name == "process"
     assert rewards.tolist() == pytest.approx([1.0, 0.3])  # (1 + 1) / 2 and (0 + 0.6) / 2 ("large" is an option)
     assert callback.metrics() == pytest.approx({"integrity": 0.5, "knowledge": 0.8})

@@ -26,7 +26,7 @@ class FixedReward(RewardCallback):
         super().__init__(name=name)
         self.values = values
 
-    def score(self, rollout: Samples, pl_module: Any) -> Any:
+    def score(self, rollout: Samples) -> Any:
         return self.values
 
 
@@ -58,20 +58,20 @@ ROLLOUT = make_rollout(["a", "b", "c", "d"], group_size=2)  # records q0 (comple
 )
 def test_an_invalid_score_names_the_reward(values: Any, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
-        FixedReward(values, name="judge").checked_score(ROLLOUT, None)
+        FixedReward(values, name="judge").checked_score(ROLLOUT)
 
 
 def test_nan_abstains_and_integers_become_float() -> None:
-    scores = FixedReward(torch.tensor([math.nan, 1.0, 0.5, math.nan])).checked_score(ROLLOUT, None)
+    scores = FixedReward(torch.tensor([math.nan, 1.0, 0.5, math.nan])).checked_score(ROLLOUT)
     assert scores.dtype == torch.float32 and torch.isnan(scores).tolist() == [True, False, False, True]
-    assert FixedReward(torch.tensor([1, 0, 1, 1])).checked_score(ROLLOUT, None).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert FixedReward(torch.tensor([1, 0, 1, 1])).checked_score(ROLLOUT).tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_a_non_number_from_score_text_names_the_reward_and_record() -> None:
     rollout = make_rollout(["ok", "ok", "ok", "bad"], group_size=2)
     message = r"reward 'text' \(TextReward\): score_completion returned None \(NoneType\) for completion 3 \(record 'q1'\)"
     with pytest.raises(TypeError, match=message):
-        TextReward().checked_score(rollout, None)
+        TextReward().checked_score(rollout)
 
 
 def test_a_fit_with_an_infinite_reward_stops_naming_it(tmp_path: Path) -> None:

@@ -181,9 +181,9 @@ def test_reward_callbacks_score_each_completion_against_its_record():
         "<think>x</think><answer>B</answer>",
     ]
     rollout = make_rollout(texts, group_size=2)
-    assert FormatReward().score(rollout, None).tolist() == [1.0, 0.0, 1.0, 1.0]
-    assert AccuracyReward().score(rollout, None).tolist() == [1.0, 1.0, 1.0, 0.0]
-    letters = AccuracyReward(letter_only=True, name="letter").score(rollout, None)
+    assert FormatReward().score(rollout).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert AccuracyReward().score(rollout).tolist() == [1.0, 1.0, 1.0, 0.0]
+    letters = AccuracyReward(letter_only=True, name="letter").score(rollout)
     assert letters.tolist() == [1.0, 1.0, 1.0, 0.0]  # the last says B, the answer is C
 
 
@@ -215,7 +215,7 @@ def test_conciseness_callback():
     # (14 - 10) / (14 - 6) = 0.5; the second is wrong.
     reward = ConcisenessReward(target_words=6, max_words=14)
     assert reward.name == "conciseness"
-    assert reward.score(make_rollout(texts, group_size=2), None).tolist() == [0.5, 0.0]
+    assert reward.score(make_rollout(texts, group_size=2)).tolist() == [0.5, 0.0]
     with pytest.raises(ValueError, match="max_words must be an int > target_words=50, got 50"):
         ConcisenessReward(target_words=50, max_words=50)
     with pytest.raises(ValueError, match="target_words must be an int >= 0, got -1"):

@@ -78,10 +78,10 @@ class RewardCallback(RecordsArguments, Callback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
-    def begin(self, samples: Samples, pl_module: Any) -> None:
+    def begin(self, samples: Samples) -> None:
         """Start work for these samples (default: nothing). Called before the reference forward."""
 
-    def score(self, samples: Samples, pl_module: Any) -> torch.Tensor:
+    def score(self, samples: Samples) -> torch.Tensor:
         """[B*G] float scores, unweighted: :meth:`score_completion` of each parsed completion."""
         values = []
         for i, completion in enumerate(samples.parsed):
@@ -94,10 +94,10 @@ class RewardCallback(RecordsArguments, Callback):
             values.append(float(value))
         return torch.tensor(values, dtype=torch.float32)
 
-    def checked_score(self, samples: Samples, pl_module: Any) -> torch.Tensor:
+    def checked_score(self, samples: Samples) -> torch.Tensor:
         """:meth:`score`, checked: [B*G] float32 scores, each finite or NaN (abstain); anything else
         (a non-tensor, another shape, +inf or -inf) raises an error naming this reward."""
-        scores = self.score(samples, pl_module)
+        scores = self.score(samples)
         expected = [samples.num_completions]
         if not isinstance(scores, torch.Tensor):
             raise TypeError(
@@ -257,7 +257,7 @@ class ProcessReward(RewardCallback):
         return self._trainer.strategy.reduce_boolean_decision(ok, all=True)
 
     @override
-    def begin(self, samples: Samples, pl_module: Any) -> None:
+    def begin(self, samples: Samples) -> None:
         self._start()
         assert self._client is not None and self._loop is not None
         items = [JudgeItem.of(samples.record_of(i), parsed) for i, parsed in enumerate(samples.parsed)]
@@ -265,9 +265,9 @@ class ProcessReward(RewardCallback):
         self._pending = (samples, self._loop.submit(judged))
 
     @override
-    def score(self, samples: Samples, pl_module: Any) -> torch.Tensor:
+    def score(self, samples: Samples) -> torch.Tensor:
         if self._pending is None or self._pending[0] is not samples:
-            self.begin(samples, pl_module)
+            self.begin(samples)
         assert self._pending is not None and self._client is not None
         waiting = time.monotonic()
         results = self._pending[1].result()  # within judge.step_deadline_s of begin
@@ -330,7 +330,7 @@ class RubricProcessReward(RewardCallback):
         self._metrics: dict[str, float] = {}
 
     @override
-    def score(self, samples: Samples, pl_module: Any) -> torch.Tensor:
+    def score(self, samples: Samples) -> torch.Tensor:
         pairs = [rubric_scores(parsed, samples.record_of(i)) for i, parsed in enumerate(samples.parsed)]
         scores = torch.tensor(pairs, dtype=torch.float32)  # [B*G, 2] integrity, knowledge
         self._metrics = {"integrity": scores[:, 0].mean().item(), "knowledge": scores[:, 1].mean().item()}

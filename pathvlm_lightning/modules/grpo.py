@@ -159,11 +159,11 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         the micro-batch slices the reference and the policy share, scored, with advantages."""
         samples = self.rollout.generate(self.backbone, batch)  # Samples: B*G completions, each parsed once
         for reward in self.rewards:
-            reward.begin(samples, self)
+            reward.begin(samples)
         slices = samples.micro_batches(self.micro_batch_size)  # cut once per step
         reference = self.reference
         ref_logprobs = None if reference is None else reference.reference_logprobs(slices)  # [B*G, L]
-        scores = {reward.name: reward.checked_score(samples, self).to(self.device) for reward in self.rewards}
+        scores = {reward.name: reward.checked_score(samples).to(self.device) for reward in self.rewards}
         rewards = {reward.name: scores[reward.name] * reward.weight for reward in self.rewards}  # [B*G] each
         total = total_reward(rewards)  # [B*G]
         scale = self.hparams.scale_rewards
