@@ -5,7 +5,7 @@ from pathvlm_lightning.callbacks.process_reward import ProcessReward, RubricProc
 from pathvlm_lightning.callbacks.progress import EpochProgressBar, ProgressLog
 from pathvlm_lightning.callbacks.reference import ReferenceModelCallback
 from pathvlm_lightning.callbacks.reward import RewardCallback
-from pathvlm_lightning.callbacks.rewards import AccuracyReward, FormatReward
+from pathvlm_lightning.callbacks.rewards import AccuracyReward, FormatReward, TruthProcessReward
 from pathvlm_lightning.callbacks.rollout import RolloutCallback
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "RewardCallback",
     "RolloutCallback",
     "RubricProcessReward",
+    "TruthProcessReward",
 ]

@@ -1,4 +1,5 @@
-"""The paper's two rule rewards as callbacks: thin adapters over the pure scoring functions."""
+"""The paper's two rule rewards, and the offline truth scorer, as callbacks: thin adapters over the
+pure scoring functions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathvlm_lightning.callbacks.reward import RewardCallback
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.rewards.accuracy import accuracy_reward
 from pathvlm_lightning.rewards.format import format_reward
+from pathvlm_lightning.rewards.truth import truth_reward
 
 
 class FormatReward(RewardCallback):
@@ -52,3 +54,20 @@ class AccuracyReward(RewardCallback):
         return accuracy_reward(
             completion, record.answer, record.options, letter_only=self._letter_only
         )
+
+
+class TruthProcessReward(RewardCallback):
+    """Image-aware offline process reward: true feature claims earn, false ones cost, against the
+    tile's known features (``extra["spec"]``; see ``rewards.truth``). Embedded data only: a record
+    without a tile spec is an error.
+
+    Args:
+        weight: multiplies the score before rewards are summed.
+        name: logged as ``reward/<name>``; defaults to ``"truth"``.
+    """
+
+    default_name = "truth"
+
+    @override
+    def score_text(self, completion: str, record: VQARecord) -> float:
+        return truth_reward(completion, record)

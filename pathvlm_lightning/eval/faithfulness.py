@@ -9,8 +9,10 @@ the claims a chain makes in that vocabulary; each claim is a set of feature valu
 
 Sentences that state a rule rather than what this tile shows ("Nuclear size is graded ... by
 diameter", "Enlarged and crowded nuclei suggest a high-grade lesion", "Brown DAB in most nuclei is
-diffuse IHC positivity"), talk about the question or its options, and the conclusion ("so the answer
-is large") make no claim: an answer is graded by accuracy, not here.
+diffuse IHC positivity"), talk about the question or its options or rule one out ("sparse is
+unlikely"), the conclusion ("so the answer is large"), and sentences that name no subject (nuclei,
+tile, background, tissue: a bare "dense" or a pasted option list) make no claim: an answer is graded
+by accuracy, not here.
 
 Per chain: the claims, how many are true, and whether it names every feature its question depends on
 (stain -> stain, nuclear_size -> size, nuclear_density -> density, grade -> size and density). For
@@ -59,8 +61,12 @@ _PHRASES: tuple[tuple[str, str, frozenset], ...] = (
 )
 _CLAIM = re.compile("|".join(f"(?P<p{i}>\\b{p}\\b)" for i, (p, _, _) in enumerate(_PHRASES)), re.IGNORECASE)
 _NOT_ABOUT_THE_TILE = re.compile(
-    r"\b(graded|suggests?|indicates?|look benign|stain$|positivity|question|options?)\b", re.IGNORECASE
+    r"\b(graded|suggests?|indicates?|look benign|stain$|positivity|question|options?|unlikely|ruled? out|excluded)\b",
+    re.IGNORECASE,
 )
+#: A claim is about the tile only in a sentence that says what it describes: a bare option word
+#: ("dense", "A) sparse") is an answer, not an observation.
+_SUBJECT = re.compile(r"\b(nucle(?:us|i)|tile|background|tissue)\b", re.IGNORECASE)
 _CONCLUSION = re.compile(r"\b(so\s+)?the answer is\b.*", re.IGNORECASE | re.DOTALL)
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL | re.IGNORECASE)
 
@@ -87,7 +93,7 @@ def feature_claims(completion: str) -> list[Claim]:
     claims = []
     for sentence in re.split(r"(?<=[.!?;])\s+|\n", reasoning):
         sentence = _CONCLUSION.sub("", sentence).strip().rstrip(".")
-        if not sentence or _NOT_ABOUT_THE_TILE.search(sentence):
+        if not sentence or _NOT_ABOUT_THE_TILE.search(sentence) or not _SUBJECT.search(sentence):
             continue
         for match in _CLAIM.finditer(sentence):
             index = int(match.lastgroup[1:])
