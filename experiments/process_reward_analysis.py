@@ -1,6 +1,6 @@
 """Analysis of the pre-registered process-reward experiment (experiments/process_reward.md).
 
-Reads ``<root>/s<seed>/<arm>/predictions_test.jsonl`` (and its counterfactual variants when present)
+Reads ``<root>/s<seed>/{sft,beta,r1}/predictions_test.jsonl`` (and its counterfactual variants when present)
 for every seed and the arms ``alpha``, ``beta`` and ``r1``; prints every seed's numbers and the
 pooled paired interval of R1 - Beta on the primary metric as JSON and Markdown.
 
@@ -26,7 +26,7 @@ from pathvlm_lightning.eval import counterfactual, faithfulness
 from pathvlm_lightning.eval.bootstrap import paired_mean_difference
 from pathvlm_lightning.eval.report import load_predictions
 
-ARMS = ("alpha", "beta", "r1")
+ARMS = {"alpha": "sft", "beta": "beta", "r1": "r1"}  # arm -> folder (Alpha is the SFT run)
 
 
 def pooled_paired_interval(
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed, columns = {}, {}
     for s in args.seeds:
         for arm in ARMS:
-            path = root / f"s{s}" / arm / "predictions_test.jsonl"
+            path = root / f"s{s}" / ARMS[arm] / "predictions_test.jsonl"
             if path.is_file():
                 per_seed[(s, arm)], columns[(s, arm)] = arm_metrics(path)
     done = [s for s in args.seeds if (s, "beta") in columns and (s, "r1") in columns]
