@@ -92,13 +92,13 @@ def test_size_and_density_can_be_read_off_the_pixels(v4):
     size = np.array([s.size_grade for s in specs])
     means = np.array([feats[:half][size[:half] == g, 1].mean() for g in range(4)])
     size_hat = np.abs(feats[:, 1:2] - means[None, :]).argmin(axis=1)
-    assert (size_hat[half:] == size[half:]).mean() > 0.95  # measured 1.000
+    assert (size_hat[half:] == size[half:]).mean() > 0.95  # measured 0.998
     per_nucleus = np.array([feats[:half][size[:half] == g, 0].mean() for g in range(4)])  # dark share per tile
     density = np.array([s.density_grade for s in specs])
     count_proxy = np.log(feats[:, 0] / per_nucleus[size_hat])
     centres = np.array([count_proxy[:half][density[:half] == g].mean() for g in range(4)])
     density_hat = np.abs(count_proxy[:, None] - centres[None, :]).argmin(axis=1)
-    assert (density_hat[half:] == density[half:]).mean() > 0.85  # measured 0.945
+    assert (density_hat[half:] == density[half:]).mean() > 0.85  # measured 0.940
 
 
 def test_data_module_picks_v4_by_config_and_keeps_v3_the_default(tmp_path):

@@ -5,16 +5,13 @@ The v3 default (``data/synthetic.py``) stays the default and unchanged; this ver
 
 - **Every feature a question depends on is drawn to be seen.** In v3 a 0.9 M-parameter model's
   nuclear density stayed at chance after SFT (34-36 %): density and size both change the dark area.
-  Here size also changes the nuclei's shade (enlarged nuclei are hyperchromatic, as in pathology)
-  and changes their diameter less, density levels are farther apart in count, nuclei are scattered
-  over the whole tile (so density is how much of the tile they cover), and every tile is H&E (stain
-  no longer recolours the nuclei). Chosen with a linear probe of the frozen random vision tower's
-  mean-pooled tokens (1,200 tiles fit, 400 scored): density 0.59 -> 0.78, size 0.71 -> 0.72 against
-  the first v4 drawing (v3-like radii and shades), whose SFT model reached only 40 % on density on
-  val. The explanations keep v3's wording ("about thirty nuclei", "about 14 pixels across"), the
-  fixed vocabulary the faithfulness reader knows; the counts and pixel sizes it quotes are v3's.
-  Questions: ``nuclear_size``, ``nuclear_density`` and ``grade`` (size and crowding); no stain
-  question, so every question type depends only on features drawn to be seen.
+  Here size also changes the nuclei's shade (enlarged nuclei are hyperchromatic, as in pathology),
+  density levels are farther apart in count, nuclei are scattered over the whole tile (so density
+  is how much of the tile they cover), and every tile is H&E (stain no longer recolours the nuclei).
+  What was measured on the way (SFT 4 epochs, val per type): counts 3-5 / 10-13 / 20-24 / 32-38
+  gave size 76 %, density 40 %; closer radii (3.0-5.2) with stronger shades gave density 50 % but
+  size 37 %. The explanations keep v3's wording ("about thirty nuclei", "about 14 pixels across"),
+  the fixed vocabulary the faithfulness reader knows; the numbers it quotes are v3's.
 - **A shortcut that answer-only RL keeps.** On grade tiles density follows size: enlarged tiles are
   crowded with probability :data:`SHORTCUT_AGREEMENT`, tiles that are not enlarged are not crowded
   with the same probability. A chain that judges size alone ("enlarged, so high-grade") is right on
@@ -56,12 +53,11 @@ from pathvlm_lightning.data.synthetic_tiles import ARRANGEMENTS, SIZE_GRADES, Ti
 EMBEDDED_V4_VERSION = "embedded-v4"  # cached folders are keyed by it: bump when drawing or questions change
 #: Nucleus count range per density grade (v3: 4-6, 9-12, 16-21, 27-33).
 V4_COUNTS = ((2, 3), (8, 10), (18, 22), (36, 44))
-#: Mean nucleus radius (px) per size grade (v3: 2.5, 3.5, 4.9, 6.8): closer, so the dark area a tile
-#: shows follows the count more than the size.
-V4_RADII = (3.0, 3.6, 4.4, 5.2)
+#: Mean nucleus radius (px) per size grade, as in v3 (closer radii, 3.0-5.2, left SFT at 37 % on size).
+V4_RADII = (2.5, 3.5, 4.9, 6.8)
 #: Nucleus colour factor per size grade: enlarged nuclei are darker (hyperchromasia), so size is seen
 #: in the shade as well as the diameter.
-V4_SHADES = (1.25, 0.85, 0.5, 0.2)
+V4_SHADES = (1.0, 0.8, 0.55, 0.35)
 #: Question types and how often each is asked.
 V4_TYPES = {"nuclear_size": 0.25, "nuclear_density": 0.25, "grade": 0.5}
 #: On grade tiles, P(crowded | enlarged) = P(not crowded | not enlarged): a size-only chain's accuracy.
