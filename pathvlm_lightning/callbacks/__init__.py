@@ -11,6 +11,7 @@ from pathvlm_lightning.callbacks.rewards import (
     ProcessReward,
     RewardCallback,
     RubricProcessReward,
+    TruthProcessReward,
 )
 from pathvlm_lightning.callbacks.sampler import RolloutCallback
 
@@ -25,4 +26,5 @@ __all__ = [
     "RewardCallback",
     "RolloutCallback",
     "RubricProcessReward",
+    "TruthProcessReward",
 ]

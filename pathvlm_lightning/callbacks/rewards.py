@@ -20,7 +20,9 @@ collect it in ``score``.
   the paper's fallback scores and show up in ``metrics()``. Rejected credentials are the one fault
   that stops the fit (:class:`JudgeAuthError`), decided the same way on every rank;
 - :class:`RubricProcessReward`: the same rubric with rules, offline and for free (a stand-in, not
-  GPT-4o); the embedded default for stage 3 so the pipeline runs with no API key.
+  GPT-4o); the embedded default for stage 3 so the pipeline runs with no API key;
+- :class:`TruthProcessReward`: the image-aware offline stand-in on embedded data (task v4): true
+  feature claims earn and false ones cost, against the tile's known features.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class RewardCallback(RecordsArguments, Callback):
     def metrics(self) -> dict[str, float]:
         """Extra scalars to log after ``score`` (e.g. judge counters), keyed without prefix."""
         return {}
+from pathvlm_lightning.rewards.truth import truth_reward
 
 
 class FormatReward(RewardCallback):
@@ -344,3 +347,22 @@ class RubricProcessReward(RewardCallback):
     @override
     def metrics(self) -> dict[str, float]:
         return dict(self._metrics)
+
+
+class TruthProcessReward(RewardCallback):
+    """Image-aware offline process reward: true feature claims earn, false ones cost, against the
+    tile's known features (``extra["spec"]``; see ``rewards.truth``). Embedded data only: a record
+    without a tile spec is an error. It reads claims from the completion's ``<think>`` text by the
+    claim reader of ``eval/faithfulness.py`` (an unclosed think block counts up to the end), so the
+    reward and the faithfulness metric read a chain the same way.
+
+    Args:
+        weight: multiplies the score before rewards are summed.
+        name: logged as ``reward/<name>``; defaults to ``"truth"``.
+    """
+
+    default_name = "truth"
+
+    @override
+    def score_completion(self, completion: ParsedCompletion, record: VQARecord) -> float:
+        return truth_reward(completion.text, record)

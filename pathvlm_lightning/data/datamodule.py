@@ -37,6 +37,7 @@ from pathvlm_lightning.data.splits import (
     read_split,
 )
 from pathvlm_lightning.data.synthetic import ensure_embedded_dataset, ensure_ood_dataset
+from pathvlm_lightning.data.synthetic_v4 import ensure_embedded_v4_dataset
 from pathvlm_lightning.data.validation import RecordChecks, ValidationReport, check_on_invalid, special_tokens_of
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class VQADataModule(LightningDataModule):
         embedded_records, embedded_root: size and cache folder (default ``<split_dir>/embedded``,
             ``<split_dir>/embedded_ood`` for the OOD set) of the embedded set.
         embedded_ood_per_modality: questions per modality of the embedded OOD set (3 modalities).
+        embedded_version: ``v3`` (the default the README's tables use) or ``v4``, the task on which a
+            process reward can matter (``data/synthetic_v4.py``).
         counterfactuals: test batches also carry these counterfactual variants of their records
             (``blank``, ``swapped``, ``no_image``, ``shuffled``: see ``data/counterfactual.py``),
             each answered and scored by ``test``; default none.
@@ -161,6 +164,7 @@ class VQADataModule(LightningDataModule):
         embedded_records: int = 6000,
         embedded_root: str | None = None,
         embedded_ood_per_modality: int = 300,
+        embedded_version: Literal["v3", "v4"] = "v3",
         counterfactuals: list[str] | None = None,
         counterfactual_seed: int | None = None,
     ) -> None:
@@ -175,6 +179,8 @@ class VQADataModule(LightningDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value!r}")
         if embedded_ood_per_modality < 1:
             raise ValueError(f"embedded_ood_per_modality must be at least 1, got {embedded_ood_per_modality!r}")
+        if embedded_version not in ("v3", "v4"):
+            raise ValueError(f"embedded_version must be 'v3' or 'v4', got {embedded_version!r}")
         check_counterfactuals(counterfactuals)
         FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
         ImageLimits(max_pixels=max_image_pixels)  # and on a bad limit
@@ -206,6 +212,8 @@ class VQADataModule(LightningDataModule):
         h = self.hparams
         if h.data_path == EMBEDDED:
             root = h.embedded_root or os.path.join(h.split_dir, EMBEDDED)
+            if h.embedded_version == "v4":
+                return str(Path(ensure_embedded_v4_dataset(root, h.seed, h.embedded_records)).resolve())
             return str(Path(ensure_embedded_dataset(root, h.seed, h.embedded_records)).resolve())
         if h.data_path == EMBEDDED_OOD:
             root = h.embedded_root or os.path.join(h.split_dir, EMBEDDED_OOD)
