@@ -60,7 +60,7 @@ def _pin() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))  # 0: glibc refused (above its maximum)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))  # 0: glibc refused (older ones cap it at 32 MiB)
 
 
 def _glibc() -> Any:

@@ -15,8 +15,11 @@ and one uniform ``u`` per row, the id is the first whose running sum of ``w`` ex
 so id ``i`` is drawn with probability ``w_i / sum(w)``: the softmax, with no normalisation pass and
 one random number per row. The running sums and ``u`` are float64, so ids of probability down to
 ~1e-15 keep their share; the search runs over blocks of ids, then within one, so that no step holds
-more than the logits' size (:func:`inverse_cdf_sample`). ``torch.multinomial`` (what transformers'
-sampler calls) draws from the same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
+more than the logits' size (:func:`inverse_cdf_sample`). The decode loop hands the step two float32
+[N, V] buffers that it overwrites at every step (scaled logits; exponentials, then weights), so the
+step allocates nothing of the logits' size: fewer large blocks freed per token for glibc's heap to
+fragment on (benchmark (b)). ``torch.multinomial`` (what transformers' sampler calls) draws from
+the same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
 (``argmax(w / E)``, ``E ~ Exp(1)``, the Gumbel-max trick) needs a random number per id, and drawing
 151,936 of them per row made it nearly as slow as ``torch.multinomial`` (0.91x; ``benchmarks/README.md``).
 
