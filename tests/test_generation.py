@@ -184,6 +184,27 @@ def test_a_sampling_step_allocates_nothing_larger_than_the_logits():
     assert 0 < largest <= logits.numel() * logits.element_size()
 
 
+def test_with_the_decode_loops_buffers_a_sampling_step_allocates_nothing_of_the_logits_size():
+    # The decode loop passes one float32 [2, N, V] buffer for all its steps: the step then frees no
+    # logits-sized block for glibc's heap to fragment on, and draws the same ids and log-probs.
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(4, 151_936)
+    scratch = torch.empty(2, *logits.shape)
+    for rule in (
+        SamplingRule(eos_token_ids=(0,), suppressed_ids=(1, 2), temperature=0.7, min_new_tokens=2),
+        SamplingRule(eos_token_ids=(0,), suppressed_ids=(1, 2), do_sample=False),
+    ):
+        torch.manual_seed(3)
+        expected = rule.next_tokens(logits, step=0)
+        torch.manual_seed(3)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            got = rule.next_tokens(logits, 0, scratch)
+        largest = max(event.self_cpu_memory_usage for event in prof.events())
+        assert largest < logits.numel() * logits.element_size() // 4  # only [N, block]- and [N]-sized blocks
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_rule_removes_vision_ids_and_early_eos_but_records_the_full_softmax():
     rule = SamplingRule(eos_token_ids=(0,), suppressed_ids=(1, 2), temperature=1.0, min_new_tokens=2)
     logits = LOGITS.expand(20_000, -1)

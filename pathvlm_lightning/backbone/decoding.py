@@ -15,7 +15,9 @@ the token-for-token output of ``generate`` (``tests/test_generation.py``, every 
 
 Each step chooses with a :class:`~pathvlm_lightning.backbone.sampling.SamplingRule` and records the
 log-prob of the chosen token; rows that have ended get the pad id (log-prob 0), and decoding stops
-when every row has ended or after ``max_new_tokens``.
+when every row has ended or after ``max_new_tokens``. The rule works in one float32 ``[2, N, V]``
+buffer allocated before the loop, and on CPU the first call pins glibc's mmap threshold for the
+process (``backbone/allocator.py``): both keep the heap from fragmenting as the cache grows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
+from pathvlm_lightning.backbone.allocator import pin_mmap_threshold
 from pathvlm_lightning.backbone.families import Family
 from pathvlm_lightning.backbone.sampling import SamplingRule
 
@@ -56,6 +59,8 @@ def decode(
     """
     cache_name = _cache_argument(model)
     prompt_mask = inputs["attention_mask"]  # [B, P]
+    if prompt_mask.device.type == "cpu":
+        pin_mmap_threshold()  # once per process; why, and the opt-out: backbone/allocator.py
     has_vision = any(inputs.get(key) is not None for key in ("image_grid_thw", "video_grid_thw"))
     prefill = dict(inputs)
     if not has_vision:  # the model itself would number padded positions too; generate counts attended ones
@@ -71,9 +76,10 @@ def decode(
     mask = prompt_mask
     unfinished = torch.ones(rows, dtype=torch.bool, device=logits.device)
     eos = torch.tensor(rule.eos_token_ids, device=logits.device)
+    scratch = logits.new_empty((2, *logits.shape), dtype=torch.float32)  # [2, N, V], the rule's buffers, every step
     ids, logprobs = [], []
     for step in range(max_new_tokens):
-        token, logprob = rule.next_tokens(logits, step)  # [N], [N]
+        token, logprob = rule.next_tokens(logits, step, scratch)  # [N], [N]
         ids.append(token.masked_fill(~unfinished, pad_token_id))
         logprobs.append(logprob.masked_fill(~unfinished, 0.0))
         unfinished &= ~torch.isin(ids[-1], eos)

@@ -15,8 +15,11 @@ and one uniform ``u`` per row, the id is the first whose running sum of ``w`` ex
 so id ``i`` is drawn with probability ``w_i / sum(w)``: the softmax, with no normalisation pass and
 one random number per row. The running sums and ``u`` are float64, so ids of probability down to
 ~1e-15 keep their share; the search runs over blocks of ids, then within one, so that no step holds
-more than the logits' size (:func:`inverse_cdf_sample`). ``torch.multinomial`` (what transformers'
-sampler calls) draws from the same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
+more than the logits' size (:func:`inverse_cdf_sample`). The decode loop hands the step two float32
+[N, V] buffers that it overwrites at every step (scaled logits; exponentials, then weights), so the
+step allocates nothing of the logits' size: fewer large blocks freed per token for glibc's heap to
+fragment on (benchmark (b)). ``torch.multinomial`` (what transformers' sampler calls) draws from
+the same law; on 2 CPU cores it took 2.2x as long for 16 x 151,936 ids. An exponential race
 (``argmax(w / E)``, ``E ~ Exp(1)``, the Gumbel-max trick) needs a random number per id, and drawing
 151,936 of them per row made it nearly as slow as ``torch.multinomial`` (0.91x; ``benchmarks/README.md``).
 
@@ -60,32 +63,45 @@ class SamplingRule:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingRule: top_p must be in (0, 1], got {self.top_p!r}")
 
-    def next_tokens(self, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_tokens(
+        self, logits: torch.Tensor, step: int, scratch: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [N] long, float32 log-probs [N] of those ids at the temperature) from logits [N, V].
 
         ``step`` is the number of tokens already generated (for ``min_new_tokens``). Draws from the
-        torch generator of the logits' device.
+        torch generator of the logits' device. ``scratch``: float32 [2, N, V] that the step overwrites
+        instead of allocating its two [N, V] buffers (the decode loop passes one for all its steps);
+        with it, no op of the step (top_p 1) allocates anything of the logits' size.
         """
-        scaled = logits.float() / self.temperature  # [N, V] float32, a fresh tensor
-        log_norm = torch.logsumexp(scaled, dim=-1)  # [N]
-        allowed = self._allowed(scaled, step)  # [N, V], removed ids at -inf
-        if self.do_sample:
-            tokens = inverse_cdf_sample(nucleus(allowed, self.top_p) if self.top_p < 1 else allowed)
+        if scratch is None:  # two separate blocks: none larger than the logits
+            scaled, work = (torch.empty(logits.shape, dtype=torch.float32, device=logits.device) for _ in range(2))
         else:
-            tokens = allowed.argmax(dim=-1)  # [N]
+            scaled, work = scratch[0], scratch[1]
+        scaled.copy_(logits).div_(self.temperature)  # [N, V] float32: logits.float() / T, in place
+        log_norm = _logsumexp(scaled, work)  # [N]
+        removed = self._removed(step)
+        if removed:  # removed ids at -inf, in place (the picked id is never one of them)
+            scaled.index_fill_(1, torch.tensor(removed, device=scaled.device), -torch.inf)
+        if self.do_sample:
+            tokens = inverse_cdf_sample(nucleus(scaled, self.top_p) if self.top_p < 1 else scaled, out=work)
+        else:
+            tokens = scaled.argmax(dim=-1)  # [N]
         picked = scaled.gather(1, tokens[:, None]).squeeze(1) - log_norm  # [N]
         return tokens, picked
 
-    def _allowed(self, scaled: torch.Tensor, step: int) -> torch.Tensor:
-        """``scaled`` [N, V] with suppressed ids (and eos before ``min_new_tokens``) at -inf; a copy."""
-        removed = list(self.suppressed_ids)
-        if step < self.min_new_tokens:
-            removed += list(self.eos_token_ids)
-        if not removed:
-            return scaled
-        allowed = scaled.clone()
-        allowed[:, torch.tensor(removed, device=scaled.device)] = -torch.inf
-        return allowed
+    def _removed(self, step: int) -> list[int]:
+        """Ids not chosen at ``step``: the suppressed ones, and the end-of-sequence ids before ``min_new_tokens``."""
+        return list(self.suppressed_ids) + (list(self.eos_token_ids) if step < self.min_new_tokens else [])
+
+
+def _logsumexp(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(x, dim=-1)`` [N] for finite x [N, V], its [N, V] exponentials written into ``work``.
+
+    The same ops as torch's own (max, exp of the difference, sum, log, add the max), so the same bits.
+    """
+    top = x.amax(dim=-1)  # [N]
+    torch.sub(x, top[:, None], out=work).exp_()
+    return work.sum(dim=-1).log_().add_(top)
 
 
 SAMPLE_BLOCK = 4096
@@ -93,7 +109,11 @@ SAMPLE_BLOCK = 4096
 
 
 def inverse_cdf_sample(
-    logits: torch.Tensor, generator: torch.Generator | None = None, *, block: int = SAMPLE_BLOCK
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    block: int = SAMPLE_BLOCK,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One id per row [N] drawn with probability ``softmax(logits)`` from logits [N, V] (-inf: never).
 
@@ -108,8 +128,10 @@ def inverse_cdf_sample(
     the logits, freed at every decoding step, raised glibc's dynamic mmap threshold above the logits'
     size, so every [N, V] float32 temporary of the decode loop went to the heap, interleaved with the
     growing key/value cache, and the heap fragmented: +2.2 GiB of resident memory over 256 steps.
+    ``out`` (float32 [N, V], may not be ``logits``) receives the weights instead of a new tensor.
     """
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # [N, V] unnormalised probabilities
+    top = logits.amax(dim=-1, keepdim=True)  # [N, 1]
+    weights = (torch.sub(logits, top, out=out) if out is not None else logits - top).exp_()  # [N, V] unnormalised
     rows, vocab = weights.shape
     block = max(1, min(block, vocab))
     full = vocab - vocab % block
