@@ -35,6 +35,12 @@ def _config(tmp: Path, name: str, module: str, start: str) -> Path:
         },
         "data": {"class_path": "pathvlm_lightning.data.VQADataModule", "init_args": {"data_path": "embedded"}},
     }
+    if module == "GRPOModule":  # its parts: a stage config names them under model.init_args
+        config["model"]["init_args"] |= {
+            "rollout": {"class_path": "pathvlm_lightning.callbacks.RolloutCallback"},
+            "rewards": [{"class_path": "pathvlm_lightning.callbacks.FormatReward"}],
+            "reference": {"class_path": "pathvlm_lightning.callbacks.ReferenceModelCallback"},
+        }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
