@@ -37,10 +37,16 @@ from torch.distributed.tensor import DTensor
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.sharding import copy_local_shards, fsdp_units
 from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceModelCallback
-from pathvlm_lightning.data import VQADataModule
 from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule
-from tests.dist_worker import NUM_GENERATIONS, PREFIX_GENERATIONS, FixedRollout, prefix_case, write_records
+from tests.dist_worker import (
+    NUM_GENERATIONS,
+    PREFIX_GENERATIONS,
+    FixedRollout,
+    prefix_case,
+    train_only_data,
+    write_records,
+)
 
 FIT_STEPS = 2
 
@@ -202,18 +208,7 @@ def run_fit(data_dir: Path, processes: int) -> dict[str, Any]:
         strategy: dict[str, Any] = {"strategy": ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)}
     else:
         strategy = {}
-    data = VQADataModule(
-        data_path=str(write_records(data_dir)),
-        split_dir=str(data_dir / "splits"),
-        split_sizes={"train": None},
-        train_split="train",
-        val_split=None,
-        test_split="train",
-        predict_split="train",
-        batch_size=2 * 2 // processes,  # 4 prompts per step in all
-        batch_kind=module.batch_kind,
-        processor=backbone.processor,
-    )
+    data = train_only_data(write_records(data_dir), data_dir / "splits", 2 * 2 // processes, module)  # 4 prompts a step
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=processes,

@@ -24,8 +24,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.sharding import fsdp_units, full_state_dict
-from pathvlm_lightning.data import VQADataModule
 from pathvlm_lightning.modules import SFTModule
+from tests.dist_worker import train_only_data
 from tests.test_data_support import pathmmu_rows, write_jsonl
 
 RECORDS = 4  # one global batch: 2 per rank, 4 in the 1-process twin
@@ -63,12 +63,7 @@ def one_step(settings: dict[str, Any], data_dir: Path, processes: int) -> dict[s
         params, lr=settings["lr"], weight_decay=settings["weight_decay"]
     )
     module = SFTModule(backbone, optimizer=optimizer)
-    data = VQADataModule(
-        data_path=str(data_dir / "records.jsonl"), split_dir=str(data_dir / f"splits{processes}"),
-        split_sizes={"train": None},
-        train_split="train", val_split=None, test_split="train", predict_split="train",
-        batch_size=RECORDS // processes, batch_kind="sft", processor=backbone.processor,
-    )  # fmt: skip
+    data = train_only_data(data_dir / "records.jsonl", data_dir / f"splits{processes}", RECORDS // processes, module)
     strategy: Any = "auto"
     if processes > 1:
         strategy = ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)

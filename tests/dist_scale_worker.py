@@ -25,12 +25,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.backbone.sharding import fsdp_units, full_state_dict
 from pathvlm_lightning.callbacks import AccuracyReward, FormatReward, ReferenceModelCallback, RewardCallback
-from pathvlm_lightning.data import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.grpo.advantages import finite_std
 from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule, SFTModule
-from tests.dist_worker import STEPS, FixedRollout, StepRecorder, _trainable_weights, _trainer_args
+from tests.dist_worker import STEPS, FixedRollout, StepRecorder, _trainable_weights, _trainer_args, train_only_data
 from tests.test_data_support import pathmmu_rows, write_jsonl
 
 
@@ -51,21 +50,6 @@ class RecordReward(RewardCallback):
 
     def score_text(self, completion: str, record: VQARecord) -> float:
         return (1 + int(record.id[1:]) % 4) * len(completion) / 10
-
-
-def _data(path: Path, data_dir: Path, batch_size: int, module: Any) -> VQADataModule:
-    return VQADataModule(
-        data_path=str(path),
-        split_dir=str(data_dir / "splits"),
-        split_sizes={"train": None},
-        train_split="train",
-        val_split=None,
-        test_split="train",
-        predict_split="train",
-        batch_size=batch_size,
-        batch_kind=module.batch_kind,
-        processor=module.backbone.processor,
-    )
 
 
 def _trainer(strategy: str, callbacks: list[pl.Callback], max_steps: int = STEPS, **kwargs: Any) -> pl.Trainer:
@@ -101,7 +85,8 @@ def sft_uneven(name: str, strategy: str, batch_size: int, data_dir: Path, out_di
     counts: list[int] = []
     trainer = _trainer(strategy, [recorder, _LabelCounts(counts)])
     initial = _trainable_weights(module.backbone)
-    trainer.fit(module, datamodule=_data(write_uneven_records(data_dir), data_dir, batch_size, module))
+    data = train_only_data(write_uneven_records(data_dir), data_dir / "splits", batch_size, module)
+    trainer.fit(module, datamodule=data)
     _save(name, out_dir, trainer, initial, module.backbone)
     return {"losses": recorder.losses, "grad_norms": [], "record_ids": recorder.record_ids, "label_tokens": counts}
 
@@ -136,7 +121,7 @@ def grpo_batch_scaled(name: str, strategy: str, batch_size: int, data_dir: Path,
     recorder = StepRecorder()
     trainer = _trainer(strategy, [recorder])
     initial = _trainable_weights(module.backbone)
-    trainer.fit(module, datamodule=_data(_records(data_dir), data_dir, batch_size, module))
+    trainer.fit(module, datamodule=train_only_data(_records(data_dir), data_dir / "splits", batch_size, module))
     _save(name, out_dir, trainer, initial, module.backbone)
     return {
         "losses": recorder.losses,
@@ -212,7 +197,7 @@ def fsdp2_bf16(name: str, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     dtypes = _ForwardDtypes(reference)
     trainer = _trainer("fsdp2", [dtypes], 1, precision="bf16-mixed")
     with collective_dtypes() as collectives:
-        trainer.fit(module, datamodule=_data(_records(data_dir), data_dir, 1, module))
+        trainer.fit(module, datamodule=train_only_data(_records(data_dir), data_dir / "splits", 1, module))
     local = sum(p.to_local().numel() for p in reference._reference.parameters())
     total = sum(p.numel() for p in reference._reference.parameters())
     return {
@@ -237,7 +222,7 @@ def fsdp2_reference_resume(name: str, data_dir: Path, out_dir: Path) -> dict[str
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
         callbacks = [checkpoint]
         trainer = _trainer("fsdp2", callbacks, max_steps, enable_checkpointing=True)
-        trainer.fit(module, datamodule=_data(path, data_dir, 1, module), ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=train_only_data(path, data_dir / "splits", 1, module), ckpt_path=ckpt_path)
         fits.append((module, reference))
     (_, first_reference), (resumed, reference) = fits
     weights = {

@@ -91,6 +91,23 @@ GPU_SCENARIOS: dict[str, Scenario] = {
 }
 
 
+def train_only_data(records: Path, split_dir: Path, batch_size: int, module: Any) -> VQADataModule:
+    """The data module every 2-process worker trains on: all of ``records`` as one train split (also
+    its test and predict split), no validation, batches of ``module``'s kind."""
+    return VQADataModule(
+        data_path=str(records),
+        split_dir=str(split_dir),
+        split_sizes={"train": None},
+        train_split="train",
+        val_split=None,
+        test_split="train",
+        predict_split="train",
+        batch_size=batch_size,
+        batch_kind=module.batch_kind,
+        processor=module.backbone.processor,
+    )
+
+
 def write_records(folder: Path) -> Path:
     """16 single-image questions, all answered ``B) medium`` with one explanation.
 
@@ -227,18 +244,7 @@ def run_scenario(name: str, scenario: Scenario, data_dir: Path, out_dir: Path) -
     callbacks.append(recorder)
     if scenario.export:
         callbacks.append(ExportCallback(str(out_dir / f"{name}.export")))
-    data = VQADataModule(
-        data_path=str(write_records(data_dir)),
-        split_dir=str(data_dir / "splits"),
-        split_sizes={"train": None},
-        train_split="train",
-        val_split=None,
-        test_split="train",
-        predict_split="train",
-        batch_size=scenario.batch_size,
-        batch_kind=module.batch_kind,
-        processor=backbone.processor,
-    )
+    data = train_only_data(write_records(data_dir), data_dir / "splits", scenario.batch_size, module)
     trainer = pl.Trainer(
         **_trainer_args(scenario.strategy),
         max_steps=STEPS,

@@ -139,10 +139,6 @@ class GRPOModule(GenerationEvaluation, BackboneModule):
         self._sharing_mode_said: str | None = None  # the mode last written to TensorBoard's hparams/text
 
     @property
-    def needs_reference(self) -> bool:
-        return self.loss.needs_reference
-
-    @property
     def micro_batch_size(self) -> int | None:
         """Completions per log-prob pass."""
         return self.hparams.micro_batch_size

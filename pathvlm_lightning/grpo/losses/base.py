@@ -101,7 +101,7 @@ class PolicyLoss(nn.Module):
 
     Args:
         beta: KL coefficient; 0 drops the term, and with it the need for a reference model
-            (the module reads :attr:`needs_reference`).
+            (the module's settings check reads :attr:`needs_reference`).
         aggregation: how per-token losses become a scalar (module docstring).
     """
 
