@@ -14,7 +14,8 @@ and CPU seconds per optimizer step, completions per second, peak RSS during the 
 ratios (of the medians, and the median ratio of the back-to-back step pairs), and the compute floor:
 the ratio of tokens through the decoder body when ours runs each prompt once per group and TRL G
 times, ``(P + G*C) / (G*(P + C))`` for a P-token prompt and C-token completions (1 with
-``--prompt-copies``). ``--vocab qwen`` gives both sides Qwen's real 151,936-row vocabulary.
+``--prompt-copies``). ``--vocab qwen`` gives both sides Qwen's real 151,936-row vocabulary. ``--sides ours`` runs our side
+alone (for shapes TRL cannot run here in time or memory; the report then has no ratios).
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def _start(name: str, settings_path: Path, log: Path, env: dict[str, str]) -> _C
     return _Child(name, process, os.fdopen(read_fd), log)
 
 
-def run_lockstep(settings: BenchSettings, workdir: Path) -> dict[str, dict[str, Any]]:
+def run_lockstep(
+    settings: BenchSettings, workdir: Path, sides: tuple[str, ...] = tuple(SIDES)
+) -> dict[str, dict[str, Any]]:
     """Both children loaded, then step k of each side run alone, ours first on even k, TRL first on odd k."""
     settings_path = workdir / "settings.json"
     settings.save(settings_path)
@@ -122,7 +125,7 @@ def run_lockstep(settings: BenchSettings, workdir: Path) -> dict[str, dict[str, 
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    children = [_start(name, settings_path, workdir / f"{name}.log", env) for name in SIDES]
+    children = [_start(name, settings_path, workdir / f"{name}.log", env) for name in sides]
     try:
         results = {child.name: {"ready": child.expect("ready"), "seconds": [], "cpu_seconds": []} for child in children}
         for step in range(settings.total_steps):
@@ -167,6 +170,8 @@ def summarize(raw: dict[str, dict[str, Any]], settings: BenchSettings, warmup: i
         }
         if "prompt_tokens" in done:
             sides[name]["prompt_tokens"] = done["prompt_tokens"]
+    if "trl" not in sides:
+        return {"sides": sides, "ratios_ours_over_trl": None}
     ours, trl = sides["ours"], sides["trl"]
     keys = ("seconds_per_step", "cpu_seconds_per_step", "completions_per_second", "peak_rss_mib", "peak_growth_mib")
     ratios = {key: ours[key] / trl[key] for key in keys}
@@ -193,7 +198,11 @@ def compute_floor(prompt_tokens: int | None, settings: BenchSettings) -> float |
 
 
 def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup: int, steps: int) -> str:
-    ours, trl, ratio = summary["sides"]["ours"], summary["sides"]["trl"], summary["ratios_ours_over_trl"]
+    ours, ratio = summary["sides"]["ours"], summary["ratios_ours_over_trl"]
+    trl = summary["sides"].get("trl")
+    seen = f"ours {ours['completion_length_mean']:.0f}"
+    if trl is not None:
+        seen += f", TRL {trl['completion_length_mean']:.0f}"
     rows = [
         ("s/step (median)", "seconds_per_step", "{:.3f}"),
         ("CPU s/step (median)", "cpu_seconds_per_step", "{:.3f}"),
@@ -206,11 +215,18 @@ def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup:
             f"{'activation checkpointing, ' if settings.gradient_checkpointing else ''}"
             f"G={settings.num_generations}, {settings.prompts_per_step} prompts x "
             f"{settings.num_generations} completions, {settings.completion_length} completion tokens "
-            f"(mean seen: ours {ours['completion_length_mean']:.0f}, TRL {trl['completion_length_mean']:.0f}), "
+            f"(mean seen: {seen}), "
             f"prompt {ours.get('prompt_tokens', '?')} tokens, beta {settings.beta}, loss {settings.loss_type}, "
             f"{settings.threads} threads, median of {steps} steps after {warmup} warmup; ours "
             f"{'shares each prompt among' if settings.share_prompts else 'runs G copies of each prompt for'} "
             f"its G completions, TRL runs G copies")
+    if trl is None:
+        lines = [head.replace(", TRL runs G copies", "; TRL not run"), f"{'':28}{'ours':>10}"]
+        lines += [f"{label:28}{fmt.format(ours[key]):>10}" for label, key, fmt in rows]
+        floor = compute_floor(ours.get("prompt_tokens"), settings)
+        if floor is not None:
+            lines.append(f"compute floor against G prompt copies, (P + G*C) / (G*(P + C)): {floor:.2f}")
+        return "\n".join(lines)
     lines = [head, f"{'':28}{'ours':>10}{'TRL':>10}{'ours/TRL':>10}"]
     for label, key, fmt in rows:
         lines.append(f"{label:28}{fmt.format(ours[key]):>10}{fmt.format(trl[key]):>10}{ratio[key]:>10.2f}")
@@ -222,10 +238,17 @@ def render(model: str, summary: dict[str, Any], settings: BenchSettings, warmup:
     return "\n".join(lines)
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    versions = {pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers", "trl", "lightning")}
+    versions = {pkg: _version(pkg) for pkg in ("torch", "transformers", "trl", "lightning")}
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -245,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="activation checkpointing (non-reentrant) on both sides")
     parser.add_argument("--prompt-copies", action="store_true",
                         help="our side runs G copies of each prompt (Backbone(share_prompts=False)), as TRL does")
+    parser.add_argument("--sides", choices=("both", "ours"), default="both",
+                        help="ours: our side alone (no TRL import, no ratios), for shapes TRL cannot run here")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.num_generations < 2:
@@ -252,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
             f"need --steps >= 1, --warmup >= 0, --threads >= 1, --num-generations >= 2; got {args.steps}, "
             f"{args.warmup}, {args.threads}, {args.num_generations}"
         )
-    if importlib.util.find_spec("trl") is None:
+    sides = tuple(SIDES) if args.sides == "both" else ("ours",)
+    if "trl" in sides and importlib.util.find_spec("trl") is None:
         raise SystemExit(f"{sys.executable} cannot import trl: install the bench extra (pip install -e '.[bench]')")
     report: dict[str, Any] = {"machine": _machine(), "models": {}}
     sizes = SIZES if args.model == "both" else (args.model,)
@@ -275,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             # New prompts every step and no epoch boundary inside the run.
             count = settings.prompts_per_step * settings.total_steps
             make_records(workdir / "data", count, args.image_size, settings.seed)
-            summary = summarize(run_lockstep(settings, workdir), settings, args.warmup)
+            summary = summarize(run_lockstep(settings, workdir, sides), settings, args.warmup)
             print(render(size, summary, settings, args.warmup, args.steps), flush=True)
             print(flush=True)
             report["models"][size] = {"settings": dataclasses.asdict(settings), **summary}

@@ -2,16 +2,20 @@
 
     python benchmarks/prefix_vs_copies.py --rounds 5 --threads 1 --output prefix_vs_copies.json
     python benchmarks/prefix_vs_copies.py --gradient-checkpointing --output prefix_vs_copies_ckpt.json
-    python benchmarks/prefix_vs_copies.py --paper-shape --generations 8 --lengths 1024 256 --rounds 1 \
-        --with-dense-mask --output prefix_vs_copies_paper.json
+    python benchmarks/prefix_vs_copies.py --paper-shape --generations 8 --lengths 1024 256 --rounds 3 \
+        --threads 1 --output prefix_vs_copies_paper.json
 
 ``--paper-shape``: Qwen2.5-VL-7B's attention geometry on a model CPU holds (text hidden 896 = 7 query
-heads x head dim 128, 1 key/value head: 7:1 grouped-query attention, MLP 1,792 (2x hidden; 7B has
-5.3x, which CPU time did not allow), 2 layers; the embedded tiny vision tower, 1,024-id vocabulary)
-and one prompt of ~1,300 tokens: a 672x672 image (576 image tokens) and a long question.
-``--with-dense-mask`` adds ``grouped_mask``, the former grouped path with a dense [B, 1, S, S] mask
-(``prefix_group.grouped_hidden_states(..., dense_mask=True)``). The floor printed is
-(P + G*C) / (G*(P + C)), the token ratio of the decoder body (grouped or cache over copies).
+heads x head dim 128, 1 key/value head: 7:1 grouped-query attention, MLP 4,736 (7B's 18,944 / 3,584 =
+5.3x hidden; ``--mlp-size 1792`` gives the 2x of the earlier rows), 2 layers; the embedded tiny vision
+tower, 1,024-id vocabulary) and one prompt of ~1,300 tokens: a 672x672 image (576 image tokens) and a
+long question. ``--with-dense-mask`` adds ``grouped_mask``, the former grouped path with a dense
+[B, 1, S, S] mask (``prefix_group.grouped_hidden_states(..., dense_mask=True)``).
+
+Two floors are printed (grouped or cache over copies): the token floor (P + G*C) / (G*(P + C)), the
+token ratio of the decoder body, and the multiply-add floor of the decoder body (:func:`flop_floor`):
+projections per token plus causal attention per query-key pair, which the token floor leaves out
+(the G completions' attention to the prompt, G*C*P pairs, is as large shared as copied).
 
 Otherwise: one process, the embedded ``small`` model (text 256 x 4 layers, vision 128 x 4; fp32, sdpa, vision
 tower frozen, language model fully trained), 2 chat prompts with one 448x448 image each (256 image
@@ -76,13 +80,44 @@ def _reset_peak() -> None:
 PAPER_QUESTION = "Describe the stain, the nuclei, their size, shape, density and grade of this tissue tile. "
 
 
-def paper_shape_backbone(folder: Path, gradient_checkpointing: bool) -> Backbone:
+#: Qwen2.5-VL-7B's MLP-to-hidden ratio (18,944 / 3,584) at the paper shape's hidden size 896.
+PAPER_MLP = 4736
+
+
+def flop_floor(text_config: Any, prompt: int, g: int, length: int) -> float:
+    """Decoder-body multiply-adds of one shared prompt and its G completions over G copies.
+
+    Per layer: each fed token's projections (q, k, v, o and the gated MLP) and 2 * head_dim per
+    query-key pair per query head, causal (a token sees itself and what precedes it). Both feed the
+    prompt and the completions' first ``length - 1`` tokens (the last one predicts nothing).
+
+    >>> from types import SimpleNamespace
+    >>> cfg = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+    ...                       intermediate_size=16)
+    >>> round(flop_floor(cfg, prompt=10, g=4, length=11), 4)  # (50*576 + 675*16) / (4 * (20*576 + 210*16))
+    0.6653
+    """
+    d = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    h, heads, kv = text_config.hidden_size, text_config.num_attention_heads, text_config.num_key_value_heads
+    per_token = 2 * h * heads * d + 2 * h * kv * d + 3 * h * text_config.intermediate_size
+    per_pair = 2 * d * heads
+    fed = length - 1
+
+    def causal(n: int) -> int:
+        return n * (n + 1) // 2
+
+    copies = g * ((prompt + fed) * per_token + causal(prompt + fed) * per_pair)
+    shared = (prompt + g * fed) * per_token + (causal(prompt) + g * (fed * prompt + causal(fed))) * per_pair
+    return shared / copies
+
+
+def paper_shape_backbone(folder: Path, gradient_checkpointing: bool, mlp_size: int = PAPER_MLP) -> Backbone:
     """Random weights with Qwen2.5-VL-7B's attention geometry (see the module docstring), loaded from ``folder``."""
     processor = Backbone(model="embedded-tiny").processor
     config = build_tiny_config(processor.tokenizer, "tiny")
     text = config.text_config
     text.hidden_size, text.num_attention_heads, text.num_key_value_heads = 896, 7, 1
-    text.intermediate_size, text.num_hidden_layers = 1792, 2
+    text.intermediate_size, text.num_hidden_layers = mlp_size, 2
     text.rope_parameters["mrope_section"] = [16, 24, 24]  # sums to head_dim / 2 = 64
     config.vision_config.out_hidden_size = 896
     config.to_json_file(folder / "config.json")
@@ -157,6 +192,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--paper-shape", action="store_true")
     parser.add_argument("--with-dense-mask", action="store_true")
+    parser.add_argument("--mlp-size", type=int, default=PAPER_MLP, help="MLP width with --paper-shape")
     parser.add_argument(
         "--paper-question-chars", type=int, default=3700, help="question length with --paper-shape (3,700: P = 1,301)"
     )
@@ -171,7 +207,7 @@ def main() -> None:
     modes += ("grouped_mask", "grouped") if args.with_dense_mask else ("grouped",)
     if args.paper_shape:
         folder = Path(tempfile.mkdtemp(prefix="paper_shape_"))
-        backbone = paper_shape_backbone(folder, args.gradient_checkpointing)
+        backbone = paper_shape_backbone(folder, args.gradient_checkpointing, args.mlp_size)
         question = PAPER_QUESTION * 60  # ~1,300 prompt tokens with the 576 image tokens
         prompts = make_prompts(backbone, 672, (question[: args.paper_question_chars],))
     else:
@@ -184,6 +220,7 @@ def main() -> None:
             settings.append(result)
             p = prompts["input_ids"].shape[1]
             result["floor"] = (p + g * length) / (g * (p + length))
+            result["flop_floor"] = flop_floor(backbone.model.config.get_text_config(), p, g, length)
             seconds, ratios = result["median_seconds"], result["ratio_to_copies_seconds"]
             memory, memory_ratios = result["median_peak_growth_mib"], result["ratio_to_copies_peak_growth_mib"]
             print(
@@ -192,7 +229,7 @@ def main() -> None:
                     f"{m} {seconds[m]:.3f} s (x{ratios[m]:.2f}), +{memory[m]:.0f} MiB (x{memory_ratios[m]:.2f})"
                     for m in modes
                 )
-                + f"; floor {result['floor']:.3f}"
+                + f"; floor {result['floor']:.3f} (tokens), {result['flop_floor']:.3f} (multiply-adds)"
                 + f"; grouped/{modes[1]} x{result[f'ratio_grouped_to_{modes[1]}_seconds']:.2f} time, "
                 f"x{result[f'ratio_grouped_to_{modes[1]}_peak_growth_mib']:.2f} memory",
                 flush=True,

@@ -17,7 +17,12 @@ from PIL import Image
 from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.data import counterfactual
 from pathvlm_lightning.data.collate import PromptCollator
-from pathvlm_lightning.data.counterfactual import COUNTERFACTUALS, CounterfactualCollator, swap_partners
+from pathvlm_lightning.data.counterfactual import (
+    COUNTERFACTUALS,
+    CounterfactualCollator,
+    counterfactual_ids,
+    swap_partners,
+)
 from pathvlm_lightning.data.datamodule import VQADataModule
 from pathvlm_lightning.data.records import VQARecord
 from pathvlm_lightning.eval import counterfactual as eval_counterfactual
@@ -157,6 +162,42 @@ def _check_by_hand(metrics: dict, out: Path) -> None:
     assert metrics["test/image_reliance"] == pytest.approx(1.0 - 0.25)
     assert metrics["test/option_consistency"] == pytest.approx(0.75)  # q2's chosen text changed
     assert (out / "predictions_test.jsonl").is_file()
+
+
+#: Per variant, the questions the scripted reader answers right (worked out in ``_check_by_hand``).
+RIGHT = {"blank": {"q2", "q3"}, "swapped": {"q2"}, "no_image": {"q0", "q2"}, "shuffled": {"q0", "q1", "q3"}}
+
+
+def test_a_sample_of_items_is_asked_and_scored_alone(colour_set, processor, tmp_path):
+    """``counterfactual_items=2``: every variant asks the same 2 seeded questions, the others are
+    answered only in the original, and each column (accuracy included) is on those 2."""
+    records_path, records = colour_set
+    sampled = counterfactual_ids(records, 2, seed=5)
+    assert len(sampled) == 2 and sampled == counterfactual_ids(records[::-1], 2, seed=5)
+    batch = CounterfactualCollator(PromptCollator(processor), records, COUNTERFACTUALS, seed=5, items=2)(records)
+    for name in COUNTERFACTUALS:
+        assert [r.id for r in batch["counterfactuals"][name]["records"]] == sorted(sampled)
+    unsampled = [r for r in records if r.id not in sampled]
+    assert CounterfactualCollator(PromptCollator(processor), records, COUNTERFACTUALS, 5, 2)(unsampled)[
+        "counterfactuals"] == {}
+    datamodule = VQADataModule(
+        data_path=str(records_path), split_dir=str(tmp_path / "splits"), split_sizes={"test": None},
+        train_split="test", val_split=None, test_split="test", eval_batch_size=3, processor=processor,
+        counterfactuals=list(COUNTERFACTUALS), counterfactual_seed=5, counterfactual_items=2,
+    )
+    module = ScriptedReader(processor)
+    module.predictions_path = str(tmp_path / "out" / "predictions_test.jsonl")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    assert metrics["test/count"] == 4 and metrics["test/accuracy"] == 1.0  # the originals: all 4
+    for name, right in RIGHT.items():
+        assert metrics[f"test/{name}/accuracy"] == pytest.approx(len(right & sampled) / 2), name
+        lines = (tmp_path / "out" / f"predictions_test.{name}.jsonl").read_text().splitlines()
+        assert sorted(json.loads(line)["id"] for line in lines) == sorted(sampled)
+    assert metrics["test/image_reliance"] == pytest.approx(1.0 - len(RIGHT["swapped"] & sampled) / 2)
+    with pytest.raises(ValueError, match="counterfactual_items must be at least 1"):
+        VQADataModule(data_path="x.jsonl", counterfactual_items=0)
 
 
 @pytest.mark.slow

@@ -17,6 +17,10 @@ The variants are records (:func:`counterfactual_records`); the prompt collator r
 an ordinary one. :class:`CounterfactualCollator` adds every variant of a test batch to it
 (``batch["counterfactuals"][name]``), so the evaluation answers them on the same processes, in the
 same batches, as the originals.
+
+Each variant costs a full greedy answer per question. ``items`` limits the variants to a seeded
+sample of the split (:func:`counterfactual_ids`), the same records for every variant and every stage
+evaluated with the same seed, so the derived columns and the paired stage differences stay paired.
 """
 
 from __future__ import annotations
@@ -114,6 +118,25 @@ def shuffle_options(record: VQARecord, seed: int) -> VQARecord:
     return replace(record, options=options, answer=answer, extra={**record.extra, VARIANT_KEY: "shuffled"})
 
 
+def counterfactual_ids(records: Sequence[VQARecord], items: int | None, seed: int) -> frozenset[str]:
+    """The ids of the records that get counterfactual variants: all (``items`` None or >= the split),
+    else a sample of ``items`` drawn by ``seed`` and the record ids alone (not their order), so every
+    process and every stage with the same split and seed picks the same ones.
+
+    >>> recs = [VQARecord(id=f"q{i}", image=f"{i}.png", question="?", options={"A": "x"}, answer="A") for i in range(10)]
+    >>> picked = counterfactual_ids(recs, 4, seed=0)
+    >>> len(picked), picked == counterfactual_ids(recs[::-1], 4, seed=0), len(counterfactual_ids(recs, None, 0))
+    (4, True, 10)
+    """
+    ids = sorted(record.id for record in records)
+    if items is None or items >= len(ids):
+        return frozenset(ids)
+    if items < 1:
+        raise ValueError(f"counterfactual_items must be at least 1 (or null: every record), got {items!r}")
+    chosen = np.random.default_rng([seed, 3]).choice(len(ids), size=items, replace=False)
+    return frozenset(ids[int(i)] for i in chosen)
+
+
 def counterfactual_records(records: Sequence[VQARecord], name: str, seed: int) -> list[VQARecord]:
     """The records of one counterfactual, in the same order and with the same ids."""
     check_counterfactuals([name])
@@ -130,19 +153,28 @@ def counterfactual_records(records: Sequence[VQARecord], name: str, seed: int) -
 
 
 class CounterfactualCollator:
-    """Wraps a prompt collator: each batch also carries ``counterfactuals[name]``, the same records'
-    ``name`` variant collated the same way (``{"prompt_inputs", "records"}``)."""
+    """Wraps a prompt collator: each batch also carries ``counterfactuals[name]``, the ``name`` variant
+    of the batch's records that are in the sample (``items``, see :func:`counterfactual_ids`),
+    collated the same way (``{"prompt_inputs", "records"}``); no entry when none of them is.
 
-    def __init__(self, collator: Any, records: Sequence[VQARecord], names: Sequence[str], seed: int) -> None:
+    Swapped images are picked among the whole split, so a record's partner does not depend on the sample."""
+
+    def __init__(
+        self, collator: Any, records: Sequence[VQARecord], names: Sequence[str], seed: int, items: int | None = None
+    ) -> None:
         self.collator = collator
         self.names = check_counterfactuals(names)
+        sampled = counterfactual_ids(records, items, seed)
         self.variants = {
-            name: {r.id: r for r in counterfactual_records(records, name, seed)} for name in self.names
+            name: {r.id: r for r in counterfactual_records(records, name, seed) if r.id in sampled}
+            for name in self.names
         }
 
     def __call__(self, records: Sequence[VQARecord]) -> dict[str, Any]:
         batch = self.collator(records)
-        batch["counterfactuals"] = {
-            name: self.collator([variants[r.id] for r in batch["records"]]) for name, variants in self.variants.items()
-        }
+        batch["counterfactuals"] = {}
+        for name, variants in self.variants.items():
+            chosen = [variants[r.id] for r in batch["records"] if r.id in variants]
+            if chosen:
+                batch["counterfactuals"][name] = self.collator(chosen)
         return batch

@@ -134,6 +134,9 @@ class VQADataModule(LightningDataModule):
             (``blank``, ``swapped``, ``no_image``, ``shuffled``: see ``data/counterfactual.py``),
             each answered and scored by ``test``; default none.
         counterfactual_seed: seeds the swapped images and shuffled options (default: ``seed``).
+        counterfactual_items: ask the counterfactuals of this many test records only, a sample drawn
+            by ``counterfactual_seed`` (the same for every variant and every stage); default: all.
+            Each variant costs a full greedy answer per question.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class VQADataModule(LightningDataModule):
         embedded_version: Literal["v3", "v4"] = "v3",
         counterfactuals: list[str] | None = None,
         counterfactual_seed: int | None = None,
+        counterfactual_items: int | None = None,
     ) -> None:
         super().__init__()
         if record_style not in RECORD_STYLES:
@@ -182,6 +186,10 @@ class VQADataModule(LightningDataModule):
         if embedded_version not in ("v3", "v4"):
             raise ValueError(f"embedded_version must be 'v3' or 'v4', got {embedded_version!r}")
         check_counterfactuals(counterfactuals)
+        if counterfactual_items is not None and counterfactual_items < 1:
+            raise ValueError(
+                f"counterfactual_items must be at least 1 (or null: every test record), got {counterfactual_items!r}"
+            )
         FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
         ImageLimits(max_pixels=max_image_pixels)  # and on a bad limit
         check_path_map(image_path_map)
@@ -334,7 +342,9 @@ class VQADataModule(LightningDataModule):
         h = self.hparams
         seed = h.seed if h.counterfactual_seed is None else h.counterfactual_seed
         base = self._split_batch_collator(split, kind)
-        return CounterfactualCollator(base, self.datasets[split].records, h.counterfactuals, seed)
+        return CounterfactualCollator(
+            base, self.datasets[split].records, h.counterfactuals, seed, items=h.counterfactual_items
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(

@@ -51,9 +51,13 @@ def chosen_text(prediction: Prediction) -> str | None:
 
 
 def per_item(original: list[Prediction], variants: dict[str, list[Prediction]]) -> dict[str, dict[str, float]]:
-    """Column -> item id -> value (0/1, or -1/0/1 for image reliance), for the columns the variants allow."""
+    """Column -> item id -> value (0/1, or -1/0/1 for image reliance), for the columns the variants allow.
+
+    ``accuracy`` is the original's on the items asked under some variant (all of them without a
+    ``counterfactual_items`` sample), so each row compares like with like."""
     by_id = {p.id: p for p in original}
-    values: dict[str, dict[str, float]] = {"accuracy": {i: float(p.correct) for i, p in by_id.items()}}
+    asked = {p.id for preds in variants.values() for p in preds if p.id in by_id} or set(by_id)
+    values: dict[str, dict[str, float]] = {"accuracy": {i: float(by_id[i].correct) for i in sorted(asked)}}
     for name in COUNTERFACTUALS:
         if name not in variants:
             continue
@@ -85,6 +89,7 @@ def stage_row(original: list[Prediction], variants: dict[str, list[Prediction]])
     row: dict[str, Any] = {key: sum(v.values()) / len(v) if v else None for key, v in values.items()}
     row["format"] = {name: sum(p.format_ok for p in preds) / len(preds) for name, preds in variants.items() if preds}
     row["count"] = {name: len(preds) for name, preds in variants.items()}
+    row["items"] = len(values["accuracy"])
     return row
 
 
@@ -153,10 +158,13 @@ def section_markdown(section: dict[str, Any], level: int) -> list[str]:
 
     rows = section["stages"]
     keys = [(key, header) for key, header in COLUMNS if any(row.get(key) is not None for row in rows.values())]
+    counts = sorted({row["items"] for row in rows.values() if row.get("items")})
+    items = " or ".join(f"{n:,}" for n in counts) + " per stage"
     lines = ["## Counterfactual inputs", "",
              "Accuracy with the image blanked (mean grey), swapped for another answer's image, left out, and with "
              "the options shuffled; image reliance = accuracy - swapped-image accuracy; option consistency = share "
-             f"of questions whose chosen option text survives the shuffle. Percentages, {level}% CI in brackets.", ""]
+             f"of questions whose chosen option text survives the shuffle. Percentages, {level}% CI in brackets; "
+             "every column, accuracy included, on the items asked under the variants (" + items + ").", ""]
     lines.append("| stage | " + " | ".join(f"{header} %" for _, header in keys) + " |")
     lines.append("|" + "---|" * (len(keys) + 1))
     for name, row in rows.items():
