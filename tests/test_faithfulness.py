@@ -82,6 +82,8 @@ def test_predictions_carry_the_spec_and_the_report_scores_each_stage():
     (comparison,) = report["faithfulness"]["comparisons"]
     assert comparison["columns"]["claims_per_chain"]["diff"] == pytest.approx(1.0)  # (2 + 0) / 2 more claims
     assert comparison["columns"]["names_needed_share"]["diff"] == pytest.approx(0.5)
+    # per chain, beta's true shares (1, 1) against alpha's (2/2, 0/1): (0 + 1) / 2
+    assert comparison["columns"]["true_share_per_chain"]["diff"] == pytest.approx(0.5)
     text = report_markdown(report)
     assert "## Chain faithfulness (tile truth known)" in text and "| beta | 2.5 | 100.0 | 100.0 |" in text
 

@@ -82,15 +82,27 @@ def stage_faithfulness(predictions: list[Any]) -> dict[str, Any] | None:
 
 
 def per_item(predictions: list[Any]) -> dict[str, dict[str, float]]:
-    """Column -> item id -> value, for the paired stage comparisons: claims made and whether the chain
-    names every needed feature (the share of true claims is a ratio over claims, not over items)."""
-    out: dict[str, dict[str, float]] = {"claims_per_chain": {}, "names_needed_share": {}}
+    """Column -> item id -> value, for the paired stage comparisons: claims made, whether the chain
+    names every needed feature, and the share of its claims that are true (only for a chain that
+    makes claims: a paired difference of this column is on the items where both chains make some,
+    and it averages per chain, where the stage table's share pools all claims).
+
+    >>> from types import SimpleNamespace
+    >>> spec = {"stain": "H&E", "size_grade": 3, "density_grade": 0}
+    >>> preds = [SimpleNamespace(id="q1", spec=spec, subset="grade",
+    ...                          completion="<think>The nuclei are very large, so enlarged, and dense, so crowded.</think>")]
+    >>> per_item(preds)
+    {'claims_per_chain': {'q1': 4.0}, 'names_needed_share': {'q1': 1.0}, 'true_share_per_chain': {'q1': 0.5}}
+    """
+    out: dict[str, dict[str, float]] = {"claims_per_chain": {}, "names_needed_share": {}, "true_share_per_chain": {}}
     for p in predictions:
         truth = tile_truth(p.spec)
         if truth is not None and p.subset in NEEDED:
             score = score_chain(p.completion, truth, p.subset)
             out["claims_per_chain"][p.id] = float(score.claims)
             out["names_needed_share"][p.id] = float(score.names_needed)
+            if score.claims:
+                out["true_share_per_chain"][p.id] = score.true_claims / score.claims
     return out
 
 
@@ -114,12 +126,18 @@ def faithfulness_markdown(rows: dict[str, dict[str, Any]], comparisons: list[dic
             cells.append("-" if sub is None else f"{num(sub['true_claim_share'])} / {num(sub['names_needed_share'])}")
         lines.append("| " + " | ".join(cells) + " |")
     if comparisons:
-        lines += ["", f"Paired differences ({level}% CI) on the items both stages answered:", "",
-                  "| a vs b | claims/chain | names needed (points) |", "|---|---|---|"]
+        lines += ["", f"Paired differences ({level}% CI) on the items both stages answered (true share: the "
+                  "share of a chain's claims that are true, on the items where both chains make claims):", "",
+                  "| a vs b | claims/chain | names needed (points) | true share per chain (points) |",
+                  "|---|---|---|---|"]
+
+        def points(d: dict[str, float] | None) -> str:
+            return "-" if d is None else (
+                f"{100 * d['diff'] + 0.0:+.1f} [{100 * d['ci_low'] + 0.0:+.1f}, {100 * d['ci_high'] + 0.0:+.1f}]")
+
         for c in comparisons:
-            k, n = c["columns"].get("claims_per_chain"), c["columns"].get("names_needed_share")
+            k = c["columns"].get("claims_per_chain")
             claims = "-" if k is None else f"{k['diff']:+.2f} [{k['ci_low']:+.2f}, {k['ci_high']:+.2f}]"
-            needed = "-" if n is None else (
-                f"{100 * n['diff'] + 0.0:+.1f} [{100 * n['ci_low'] + 0.0:+.1f}, {100 * n['ci_high'] + 0.0:+.1f}]")
-            lines.append(f"| {c['a']} vs {c['b']} | {claims} | {needed} |")
+            needed, true = points(c["columns"].get("names_needed_share")), points(c["columns"].get("true_share_per_chain"))
+            lines.append(f"| {c['a']} vs {c['b']} | {claims} | {needed} | {true} |")
     return lines
