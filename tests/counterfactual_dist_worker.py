@@ -14,6 +14,7 @@ from pathvlm_lightning.backbone import Backbone
 from pathvlm_lightning.data.counterfactual import COUNTERFACTUALS
 from pathvlm_lightning.data.datamodule import VQADataModule
 from tests.test_counterfactual import ScriptedReader, write_colour_set
+from tests.worker_exit import exit_after_work
 
 
 def main(out: Path) -> None:
@@ -35,3 +36,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown

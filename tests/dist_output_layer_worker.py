@@ -47,6 +47,7 @@ from tests.dist_worker import (
     train_only_data,
     write_records,
 )
+from tests.worker_exit import exit_after_work
 
 FIT_STEPS = 2
 
@@ -244,3 +245,4 @@ def main(out_dir: Path, data_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown

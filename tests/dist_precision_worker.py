@@ -27,6 +27,7 @@ from pathvlm_lightning.backbone.sharding import fsdp_units, full_state_dict
 from pathvlm_lightning.modules import SFTModule
 from tests.dist_worker import train_only_data
 from tests.test_data_support import pathmmu_rows, write_jsonl
+from tests.worker_exit import exit_after_work
 
 RECORDS = 4  # one global batch: 2 per rank, 4 in the 1-process twin
 
@@ -95,3 +96,4 @@ def main(out_dir: Path, data_dir: Path, runs: dict[str, dict[str, Any]]) -> None
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown

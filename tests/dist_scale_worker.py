@@ -31,6 +31,7 @@ from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.dist_worker import STEPS, FixedRollout, StepRecorder, _trainable_weights, _trainer_args, train_only_data
 from tests.test_data_support import pathmmu_rows, write_jsonl
+from tests.worker_exit import exit_after_work
 
 
 def write_uneven_records(folder: Path) -> Path:
@@ -253,3 +254,4 @@ def main(out_dir: Path, data_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown

@@ -49,6 +49,7 @@ from pathvlm_lightning.grpo.losses import GRPOLoss
 from pathvlm_lightning.grpo.stages import Samples
 from pathvlm_lightning.modules import GRPOModule, SFTModule
 from tests.test_data_support import pathmmu_rows, write_jsonl
+from tests.worker_exit import exit_after_work
 
 STRATEGY_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "strategies"
 STEPS = 3
@@ -446,3 +447,4 @@ def main(out_dir: Path, data_dir: Path, device: str = "cpu") -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:])
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown

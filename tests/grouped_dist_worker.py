@@ -19,6 +19,7 @@ import torch.distributed as dist
 from pathvlm_lightning.backbone import Backbone, LoraOptions
 from tests.dist_worker import score_prefix_case_sharded
 from tests.test_prefix_group import _randomise_lora
+from tests.worker_exit import exit_after_work
 
 LORA = LoraOptions(r=4, dropout=0.0)  # dropout would differ per rank
 
@@ -38,3 +39,4 @@ def main(out_dir: Path, models: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown

@@ -411,6 +411,7 @@ from PIL import Image
 from torch.distributed.tensor import DTensor
 from torch.distributed.device_mesh import init_device_mesh
 from pathvlm_lightning.backbone import Backbone
+from tests.worker_exit import exit_after_work
 
 def run(rank):
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method="file://" + sys.argv[1])
@@ -429,6 +430,7 @@ def run(rank):
     logp = backbone.token_logprobs(inputs, out, num_generations=2)
     torch.testing.assert_close(logp, expected_logp)
     dist.destroy_process_group()
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown
 
 if __name__ == "__main__":
     torch.multiprocessing.spawn(run, nprocs=2)

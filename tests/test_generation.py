@@ -234,6 +234,7 @@ import sys, numpy as np, torch, torch.distributed as dist
 from PIL import Image
 from torch.distributed.device_mesh import init_device_mesh
 from pathvlm_lightning.backbone import Backbone
+from tests.worker_exit import exit_after_work
 
 def run(rank):
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method="file://" + sys.argv[1])
@@ -253,6 +254,7 @@ def run(rank):
     trainer = backbone.token_logprobs(inputs, out.ids, num_generations=4)  # sharded: the grouped pass
     torch.testing.assert_close(out.logprobs * mask, trainer.detach() * mask, atol=1e-5, rtol=1e-5)
     dist.destroy_process_group()
+    exit_after_work()  # tests/worker_exit.py: no interpreter teardown
 
 if __name__ == "__main__":
     torch.multiprocessing.spawn(run, nprocs=2)
