@@ -118,6 +118,12 @@ def shuffle_options(record: VQARecord, seed: int) -> VQARecord:
     return replace(record, options=options, answer=answer, extra={**record.extra, VARIANT_KEY: "shuffled"})
 
 
+def check_counterfactual_items(items: int | None) -> None:
+    """Refuses a sample size below 1 (None: every record)."""
+    if items is not None and items < 1:
+        raise ValueError(f"counterfactual_items must be at least 1 (or null: every test record), got {items!r}")
+
+
 def counterfactual_ids(records: Sequence[VQARecord], items: int | None, seed: int) -> frozenset[str]:
     """The ids of the records that get counterfactual variants: all (``items`` None or >= the split),
     else a sample of ``items`` drawn by ``seed`` and the record ids alone (not their order), so every
@@ -128,11 +134,10 @@ def counterfactual_ids(records: Sequence[VQARecord], items: int | None, seed: in
     >>> len(picked), picked == counterfactual_ids(recs[::-1], 4, seed=0), len(counterfactual_ids(recs, None, 0))
     (4, True, 10)
     """
+    check_counterfactual_items(items)
     ids = sorted(record.id for record in records)
     if items is None or items >= len(ids):
         return frozenset(ids)
-    if items < 1:
-        raise ValueError(f"counterfactual_items must be at least 1 (or null: every record), got {items!r}")
     chosen = np.random.default_rng([seed, 3]).choice(len(ids), size=items, replace=False)
     return frozenset(ids[int(i)] for i in chosen)
 

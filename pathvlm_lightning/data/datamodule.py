@@ -21,7 +21,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from pathvlm_lightning.data.counterfactual import CounterfactualCollator, check_counterfactuals
+from pathvlm_lightning.data.counterfactual import (
+    CounterfactualCollator,
+    check_counterfactual_items,
+    check_counterfactuals,
+)
 from pathvlm_lightning.data.collate import PromptCollator, SFTCollator
 from pathvlm_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits
 from pathvlm_lightning.data.image_paths import check_path_map
@@ -186,10 +190,7 @@ class VQADataModule(LightningDataModule):
         if embedded_version not in ("v3", "v4"):
             raise ValueError(f"embedded_version must be 'v3' or 'v4', got {embedded_version!r}")
         check_counterfactuals(counterfactuals)
-        if counterfactual_items is not None and counterfactual_items < 1:
-            raise ValueError(
-                f"counterfactual_items must be at least 1 (or null: every test record), got {counterfactual_items!r}"
-            )
+        check_counterfactual_items(counterfactual_items)
         FieldMap.for_style(record_style, field_map)  # fail at construction on unknown fields
         ImageLimits(max_pixels=max_image_pixels)  # and on a bad limit
         check_path_map(image_path_map)
